@@ -1,0 +1,33 @@
+"""tuneforge: fine-tune pretrained text and image models from one recipe.
+
+Public API (everything else may change)::
+
+    import tuneforge
+    run = tuneforge.finetune("recipes/sst2-minilm.yaml", overrides=["train.epochs=1"])
+    run.metrics["validation"]["accuracy"]; run.predict(["a fine film"]); run.path
+    predictor = tuneforge.load(run.path)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import TuneforgeError
+from .recipe import Recipe, load_recipe
+
+
+def finetune(recipe, *, overrides=None, console=None):
+    """Run a recipe (path, dict or Recipe) end to end; returns a Run (.metrics, .predict, .path)."""
+    from .pipeline import finetune as _finetune
+
+    return _finetune(recipe, overrides=overrides, console=console)
+
+
+def load(path, device: str = "cpu"):
+    """Load a run (or its model/ directory) as a Predictor with .predict(inputs)."""
+    from .saving import Predictor
+
+    return Predictor(path, device=device)
+
+
+__all__ = ["Recipe", "TuneforgeError", "finetune", "load", "load_recipe", "__version__"]

@@ -1,0 +1,379 @@
+"""Tabular readers: CSV, TSV, JSON lines and Parquet -> a list of :class:`Record`.
+
+Every record remembers *where* it came from ("train.csv line 12") so that any later
+problem -- an unknown label, an unreadable image, a too-long text -- can point the user
+at the exact line in their editor. Line numbers are 1-based physical lines with the
+header as line 1, which is why CSV/TSV go through Python's ``csv`` module rather than
+``pandas.read_csv``: pandas numbers *rows*, and a quoted cell holding a newline (or a
+skipped blank line) silently shifts every row after it away from the editor's line.
+The ``csv`` module is a C parser too, fast enough for hundreds of thousands of rows.
+
+Bad records (a malformed line, an empty required cell) are errors by default; with
+``on_bad_record="skip"`` they are dropped and a one-line reason per dropped record is
+appended to the caller's ``skipped`` list, so the run can report how many were dropped
+and why. File-level problems (missing file or column, bad encoding, no rows) are always
+errors: skipping cannot fix them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gzip
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from tuneforge.data.fingerprint import file_fingerprint  # re-exported: the manifest reads data via this module
+from tuneforge.errors import TuneforgeError, suggest
+
+__all__ = ["FORMATS", "Record", "file_fingerprint", "read_records", "resolve_format"]
+
+FORMATS = ("csv", "tsv", "jsonl", "parquet")
+_EXTENSIONS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".txt": "txt",  # sniffed: a tab in the header line means TSV, otherwise CSV
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",  # JSON lines, or one JSON array of objects (sniffed on '[')
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_BAD_RECORD_MODES = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example. ``values`` is keyed by *role* ("text", "label", "image", "id", ...),
+    never by the file's own column names, so tasks do not care how the file was laid out."""
+
+    values: dict[str, object]
+    where: str  # "train.csv line 12" / "data.jsonl line 3" / "train.parquet row 7"
+
+
+def resolve_format(path: str | Path, format: str = "auto") -> str:
+    """The reader to use for ``path``: one of :data:`FORMATS` (``format`` wins over the extension)."""
+    path = Path(path)
+    if format != "auto":
+        if format not in FORMATS:
+            raise TuneforgeError(
+                f"unknown data format '{format}'{suggest(format, FORMATS)} for {path.name}; "
+                f"supported formats are: {', '.join(FORMATS)} — set data.format to one of them (or auto)"
+            )
+        return format
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    ext = suffixes[-1] if suffixes else ""
+    kind = _EXTENSIONS.get(ext)
+    if kind is None:
+        raise TuneforgeError(
+            f"cannot tell the format of {path.name} from its extension '{ext or '(none)'}'; "
+            f"supported extensions are: {', '.join(_EXTENSIONS)} (optionally .gz) — rename the file "
+            f"or set data.format to one of: {', '.join(FORMATS)}"
+        )
+    if kind == "txt":
+        with _open_text(path, "utf-8-sig", errors="replace") as f:
+            kind = "tsv" if "\t" in f.readline() else "csv"
+    return kind
+
+
+def read_records(
+    path: str | Path,
+    *,
+    columns: dict[str, str],
+    optional: dict[str, str] | None = None,
+    format: str = "auto",
+    limit: int | None = None,
+    hints: dict[str, str] | None = None,
+    encoding: str = "utf-8",
+    on_bad_record: str = "error",
+    skipped: list[str] | None = None,
+) -> list[Record]:
+    """Read ``path`` into records keyed by role.
+
+    columns:  role -> column that must exist and be non-empty in every row, e.g.
+              ``{"text": "sentence", "label": "label"}``.
+    optional: role -> column that may be absent from the file (or empty in a row);
+              an absent/empty value is simply left out of ``Record.values``.
+    hints:    role -> the recipe key that sets that column, named in errors
+              (e.g. ``{"text": "data.text_column"}``). The non-role keys "path",
+              "format", "encoding" and "on_bad_record" name those recipe keys too.
+    limit:    read only the first ``limit`` data rows of the file (skipped rows count).
+    on_bad_record: "error" (default) or "skip". With "skip", malformed lines and rows
+              with an empty required value are dropped and "<where>: <reason>" is appended
+              to ``skipped`` (pass a list to see them).
+
+    CSV/TSV cells come back as ``str`` exactly as written ("01" stays "01"); JSON and
+    Parquet values keep their types (int labels, lists for multi-label).
+    """
+    path = Path(path)
+    hints = dict(hints or {})
+    optional = dict(optional or {})
+    if on_bad_record not in _BAD_RECORD_MODES:
+        raise TuneforgeError(
+            f"on_bad_record is '{on_bad_record}'{suggest(on_bad_record, _BAD_RECORD_MODES)}; "
+            f"it must be one of: {', '.join(_BAD_RECORD_MODES)} — set "
+            f"{hints.get('on_bad_record', 'data.on_bad_record')}"
+        )
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be None or >= 0, got {limit}")
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "not found"
+        raise TuneforgeError(
+            f"data file {path} {what} (resolved to {path.resolve()}) — fix "
+            f"{hints.get('path', 'the data path in the recipe')}"
+        )
+    kind = resolve_format(path, format)
+    sink = skipped if skipped is not None else []
+    reader = _ParquetReader if kind == "parquet" else _JsonReader if kind == "jsonl" else _DelimitedReader
+    rows = reader(path, kind, _text_encoding(encoding, path, hints), hints)
+
+    records: list[Record] = []
+    n_rows = n_skipped = 0
+    checked = False
+    for where, row, problem in rows:
+        if limit is not None and n_rows >= limit:
+            break
+        n_rows += 1
+        if row is not None and not checked:
+            # A column missing from the header (or the first JSON object) is a file-level
+            # mistake in the mapping, not a bad row: report it once, with the columns that exist.
+            for role, column in columns.items():
+                if column not in rows.seen:
+                    raise _missing_column(column, role, rows.name, rows.seen, hints)
+            checked = True
+        if problem is None:
+            values, problem = _pick(row, columns, optional)
+        if problem is not None:
+            if on_bad_record == "skip":
+                sink.append(f"{where}: {problem}")
+                n_skipped += 1
+                continue
+            raise TuneforgeError(
+                f"{where}: {problem} — fix or delete that line, or set "
+                f"{hints.get('on_bad_record', 'data.on_bad_record')}: skip to drop bad rows"
+            )
+        records.append(Record(values=values, where=where))
+    if n_rows == 0 and limit != 0:
+        raise TuneforgeError(f"{rows.name} has no rows ({rows.empty_reason()}) — add data rows, or point "
+                             f"{hints.get('path', 'the data path in the recipe')} at the right file")
+    if not records and limit != 0:
+        shown = "; ".join(sink[-min(3, n_skipped):])
+        raise TuneforgeError(f"every row of {rows.name} was skipped as bad ({n_skipped} rows, e.g. {shown}) — "
+                             f"check the column mapping ({', '.join(f'{r}={c}' for r, c in columns.items())})")
+    return records
+
+
+# ---------------------------------------------------------------- row sources
+# Each reader yields (where, row: dict | None, problem: str | None) and fills `seen` with
+# the column names (CSV header, first JSON object's keys, Parquet schema) before its first
+# row. A row-level problem (bad JSON, wrong field count) becomes a skippable bad record; a
+# file-level one raises TuneforgeError directly.
+
+
+def _pick(row: dict, columns: dict[str, str], optional: dict[str, str]) -> tuple[dict, str | None]:
+    values: dict[str, object] = {}
+    for role, column in columns.items():
+        value = row.get(column)
+        if _is_empty(value):
+            state = "missing" if column not in row else "empty"
+            return values, f"{state} value in column '{column}'{_role(role, column)}"
+        values[role] = value
+    for role, column in optional.items():
+        value = row.get(column)
+        if not _is_empty(value):
+            values[role] = value
+    return values, None
+
+
+def _is_empty(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _missing_column(column: str, role: str, name: str, existing: list[str], hints: dict[str, str]) -> TuneforgeError:
+    fix = hints.get(role)
+    fix = f"set {fix}" if fix else f"map the '{role}' role to one of these columns (or rename the column in the file)"
+    return TuneforgeError(
+        f"column '{column}'{_role(role, column)} not found in {name}; columns are: "
+        f"{', '.join(map(str, existing)) or '(none)'}{suggest(column, map(str, existing))} — {fix}"
+    )
+
+
+def _role(role: str, column: str) -> str:
+    return "" if role == column else f" ({role})"
+
+
+def _text_encoding(encoding: str, path: Path, hints: dict[str, str]) -> str:
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise TuneforgeError(
+            f"unknown text encoding '{encoding}' for {path.name} — set "
+            f"{hints.get('encoding', 'data.encoding')} to e.g. utf-8, latin-1 or cp1252"
+        ) from None
+    # utf-8-sig decodes plain UTF-8 identically and also drops the BOM that Excel writes,
+    # which would otherwise glue itself to the first column name ("\ufeffsentence").
+    return "utf-8-sig" if name == "utf-8" else encoding
+
+
+def _open_text(path: Path, encoding: str, errors: str = "strict") -> IO[str]:
+    # newline="" is what the csv module requires so quoted newlines survive (csv docs).
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding=encoding, errors=errors, newline="")
+    return open(path, encoding=encoding, errors=errors, newline="")
+
+
+def _decode_error(path: Path, encoding: str, hints: dict[str, str]) -> TuneforgeError:
+    """Find the first line that does not decode; the streaming decoder only knows a chunk offset."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    shown = "UTF-8" if encoding.startswith("utf-8") else encoding
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                return TuneforgeError(
+                    f"{path.name} line {line_no}: not valid {shown} "
+                    f"(byte 0x{raw[e.start]:02x} at column {e.start + 1}) "
+                    f"— re-save the file as UTF-8 (or set {hints.get('encoding', 'data.encoding')}, e.g. latin-1)"
+                )
+    return TuneforgeError(f"{path.name} is not valid {shown} — re-save the file as UTF-8 "
+                          f"(or set {hints.get('encoding', 'data.encoding')}, e.g. latin-1)")
+
+
+class _DelimitedReader:
+    def __init__(self, path: Path, kind: str, encoding: str, hints: dict[str, str]):
+        self.path, self.kind, self.encoding, self.hints = path, kind, encoding, hints
+        self.name = path.name
+        self.seen: list[str] = []
+        self.header_read = False
+
+    def __iter__(self) -> Iterator[tuple[str, dict | None, str | None]]:
+        # Raise the per-field cap (default 128 KiB) so one long document is not an error.
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        if self.kind == "tsv":
+            # TSV as written by most tools (SST-2, GLUE) has no quoting: '"' is a literal character.
+            dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+        else:
+            dialect = {"delimiter": ",", "quotechar": '"', "doublequote": True, "strict": True}
+        try:
+            with _open_text(self.path, self.encoding) as f:
+                reader = csv.reader(f, **dialect)
+                yield from self._rows(reader)
+        except UnicodeDecodeError:
+            raise _decode_error(self.path, self.encoding, self.hints) from None
+
+    def _rows(self, reader: Iterator[list[str]]) -> Iterator[tuple[str, dict | None, str | None]]:
+        last_line = 0
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise TuneforgeError(
+                    f"{self.name} line {last_line + 1}: malformed CSV ({e}) — check the quoting on that line "
+                    f'(a cell containing a comma, quote or newline must be wrapped in "..." with inner quotes doubled)'
+                ) from None
+            start, last_line = last_line + 1, reader.line_num  # a quoted cell may span several lines
+            if not fields:  # blank line
+                continue
+            if not self.header_read:
+                self.seen, self.header_read = [h.strip() for h in fields], True
+                continue
+            where = f"{self.name} line {start}"
+            if len(fields) != len(self.seen):
+                sep = "tab" if self.kind == "tsv" else "comma"
+                yield where, None, (
+                    f"expected {len(self.seen)} fields (like the header line) but found {len(fields)}; "
+                    f"a stray {sep} inside a value is the usual cause"
+                    + ("" if self.kind == "tsv" else ' (wrap such values in "...")')
+                )
+                continue
+            yield where, dict(zip(self.seen, fields)), None
+
+    def empty_reason(self) -> str:
+        return "only a header line" if self.header_read else "the file is empty"
+
+
+class _JsonReader:
+    def __init__(self, path: Path, kind: str, encoding: str, hints: dict[str, str]):
+        self.path, self.encoding, self.hints = path, encoding, hints
+        self.name = path.name
+        self.seen: list[str] = []  # JSON has no header: the first object's keys stand in for it
+
+    def __iter__(self) -> Iterator[tuple[str, dict | None, str | None]]:
+        try:
+            with _open_text(self.path, self.encoding) as f:
+                first = f.read(1)
+                while first and first.isspace():
+                    first = f.read(1)
+                f.seek(0)
+                if first == "[":  # a .json file holding one array of objects
+                    yield from self._array(f)
+                else:
+                    yield from self._lines(f)
+        except UnicodeDecodeError:
+            raise _decode_error(self.path, self.encoding, self.hints) from None
+
+    def _row(self, where: str, obj: object) -> tuple[str, dict | None, str | None]:
+        if not isinstance(obj, dict):
+            return where, None, f'expected a JSON object like {{"text": ..., "label": ...}}, got {type(obj).__name__}'
+        self.seen = self.seen or list(obj)
+        return where, obj, None
+
+    def _lines(self, f: IO[str]) -> Iterator[tuple[str, dict | None, str | None]]:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{self.name} line {line_no}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, None, f"invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+                continue
+            yield self._row(where, obj)
+
+    def _array(self, f: IO[str]) -> Iterator[tuple[str, dict | None, str | None]]:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as e:
+            raise TuneforgeError(f"{self.name} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}) — "
+                                 "fix the file (or write it as JSON lines: one object per line)") from None
+        for i, obj in enumerate(items, start=1):
+            yield self._row(f"{self.name} item {i}", obj)
+
+    def empty_reason(self) -> str:
+        return "no JSON objects found"
+
+
+class _ParquetReader:
+    def __init__(self, path: Path, kind: str, encoding: str, hints: dict[str, str]):
+        self.path, self.hints = path, hints
+        self.name = path.name
+        self.seen: list[str] = []
+
+    def __iter__(self) -> Iterator[tuple[str, dict | None, str | None]]:
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(self.path)
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses for a bad file
+            raise TuneforgeError(f"cannot read {self.name} as Parquet ({e}) — re-export the file, "
+                                 f"or set {self.hints.get('format', 'data.format')} if it is not Parquet") from None
+        self.seen = list(pf.schema_arrow.names)
+        row_no = 0
+        # Stream record batches so `limit` reads only the first few thousand rows of a big file.
+        for batch in pf.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                row_no += 1
+                yield f"{self.name} row {row_no}", row, None
+
+    def empty_reason(self) -> str:
+        return "the table has 0 rows"

@@ -1,0 +1,54 @@
+"""Device and mixed-precision choice.
+
+``auto`` picks bf16 autocast wherever the hardware runs bf16 natively: CUDA
+GPUs with bf16 support, and CPUs with AVX-512 BF16 or AMX, where a bf16
+matmul runs several times faster than fp32. Master weights and the optimizer
+stay fp32; losses are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import TuneforgeError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TuneforgeError(f"train.device is '{name}' but no CUDA GPU is visible; set train.device: cpu (or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TuneforgeError(f"train.device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def cpu_has_native_bf16() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise TuneforgeError("train.precision fp16 needs a CUDA GPU; on CPU use bf16 (or auto / fp32)")
+        return torch.float16
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise TuneforgeError("this GPU has no bf16 support; set train.precision: fp16 or fp32")
+        return torch.bfloat16
+    # auto
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

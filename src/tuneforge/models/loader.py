@@ -1,0 +1,148 @@
+"""``load_model``: turn ``model.name`` (+ source, weights, key_map) into a backbone.
+
+Resolution for ``source="auto"``, first match wins:
+
+1. a known alias (``known_aliases()``);
+2. an existing directory with ``config.json`` -> Hugging Face;
+3. a timm architecture name (``timm.list_models()``, optionally with a
+   ``.pretrained_tag``) -> timm, weights from ``weights``;
+4. a hub id already in the local Hugging Face cache -> Hugging Face.
+
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import TuneforgeError, suggest
+from .aliases import ALIASES
+from .info import LoadedModel
+
+SOURCES = ("auto", "alias", "hf", "timm")
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def _is_timm_arch(name: str) -> bool:
+    # "efficientnet_lite0.ra_in1k" names an architecture plus a pretrained tag
+    return name.split(".", 1)[0] in set(_timm_names())
+
+
+def _unknown(name: str) -> TuneforgeError:
+    aliases = ", ".join(sorted(ALIASES))
+    hint = suggest(name, list(ALIASES) + _timm_names())
+    return TuneforgeError(
+        f"model '{name}' is not a known alias, a local directory, a timm architecture, or a model in the "
+        f"local Hugging Face cache{hint}; known aliases: {aliases}. Set model.name to an alias, to a local "
+        "directory holding a Hugging Face model (config.json + weights + tokenizer), or to a timm "
+        "architecture with model.weights pointing at a local weights file (tuneforge never downloads)"
+    )
+
+
+def load_model(
+    name: str,
+    *,
+    source: str = "auto",
+    weights: str | None = None,
+    key_map: str | Callable | None = None,
+    trust_remote_code: bool = False,
+    pretrained: bool = True,
+) -> LoadedModel:
+    """Load a backbone without its head, plus its ``ModelInfo`` (and tokenizer for text).
+
+    ``weights``/``key_map`` apply to timm architectures only (see ``timm_loader``).
+    ``pretrained=False`` builds the same architecture with random weights.
+    """
+    from .hf import hf_cache_dir, load_hf
+    from .timm_loader import load_timm
+
+    if source not in SOURCES:
+        raise TuneforgeError(f"unknown model.source '{source}'{suggest(source, SOURCES)}; use one of {', '.join(SOURCES)}")
+    name = str(name)
+    if source == "auto":
+        source = _resolve_source(name)
+
+    if source == "timm":
+        return load_timm(name, weights=weights, key_map=key_map, pretrained=pretrained)
+
+    for field, value in (("model.weights", weights), ("model.key_map", key_map)):
+        if value is not None:
+            raise TuneforgeError(
+                f"{field} only applies to timm architectures, but '{name}' is loaded as {source}: "
+                f"remove {field} (this model carries its own weights)"
+            )
+    if source == "alias":
+        if name not in ALIASES:
+            raise TuneforgeError(
+                f"unknown model alias '{name}'{suggest(name, ALIASES)}; known aliases: {', '.join(sorted(ALIASES))}"
+            )
+        return ALIASES[name].load(name, pretrained)
+    # source == "hf": a directory, else a hub id that must already be cached
+    path = Path(name).expanduser()
+    if not path.exists():
+        cached = hf_cache_dir(name)
+        if cached is None:
+            raise TuneforgeError(
+                f"'{name}' is neither a local directory nor in the local Hugging Face cache, and tuneforge "
+                "never downloads: set model.name to a directory holding config.json, the weights and the tokenizer"
+            )
+        return load_hf(cached, label=f"hf cache '{name}' ({cached})", trust_remote_code=trust_remote_code,
+                       pretrained=pretrained)
+    return load_hf(path, trust_remote_code=trust_remote_code, pretrained=pretrained)
+
+
+def _resolve_source(name: str) -> str:
+    from .hf import hf_cache_dir
+
+    if name in ALIASES:
+        return "alias"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "hf"  # load_hf explains what a directory without config.json lacks
+    if path.is_file():
+        raise TuneforgeError(
+            f"model.name '{name}' is a file; for a timm model set model.name to its architecture "
+            "(e.g. efficientnet_lite0) and model.weights to this file; for a Hugging Face model "
+            "set model.name to the directory that holds config.json"
+        )
+    if _is_timm_arch(name):
+        return "timm"
+    if hf_cache_dir(name) is not None:
+        return "hf"
+    raise _unknown(name)
+
+
+def from_spec(spec: dict, *, trust_remote_code: bool | None = None) -> LoadedModel:
+    """Rebuild the architecture recorded in ``ModelInfo.spec`` with random weights
+    (the caller then loads its fine-tuned state dict)."""
+    kind = spec.get("kind")
+    if kind == "timm":
+        return load_model(spec["arch"], source="timm", pretrained=False)
+    if kind == "hf":
+        trc = spec.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
+        return load_model(spec["config_dir"], source="hf", pretrained=False, trust_remote_code=trc)
+    raise TuneforgeError(f"model spec has unknown kind {kind!r}; expected 'hf' or 'timm' (spec: {spec})")
+
+
+def build_model_info(backbone, family_hint: str | None = None, *, tokenizer=None, source: str = ""):
+    """``ModelInfo`` for a backbone built elsewhere (an HF ``PreTrainedModel`` or a timm
+    model); ``family_hint`` picks the ``FAMILIES`` row when the class name is not enough."""
+    if hasattr(backbone, "config") and hasattr(backbone.config, "model_type"):
+        from .hf import text_info
+
+        return text_info(backbone, tokenizer, source=source, family=family_hint)
+    if hasattr(backbone, "pretrained_cfg") and hasattr(backbone, "num_features"):
+        from .timm_loader import timm_info
+
+        arch = backbone.pretrained_cfg.get("architecture") or type(backbone).__name__
+        return timm_info(backbone, arch, source or f"timm:{arch}", family=family_hint)
+    raise TuneforgeError(
+        f"cannot describe a {type(backbone).__name__}: tuneforge knows Hugging Face and timm backbones; "
+        "load the model with tuneforge.models.load_model"
+    )

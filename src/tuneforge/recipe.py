@@ -1,0 +1,301 @@
+"""The recipe: one typed, documented schema that is everything a run needs.
+
+``defaults <- YAML <- --set overrides -> Recipe``. Unknown keys are errors that
+suggest the nearest valid key (checked before pydantic so the message can say
+``strategy.rnak`` -> ``strategy.rank``); wrong types and impossible
+combinations are errors that say what to change. The resolved recipe is dumped
+into every run directory, so a run can be repeated from its own folder.
+
+Strategy options are owned by each strategy module (one method, one module,
+one registration): ``strategy.name`` selects a registered options model and the
+rest of the ``strategy:`` block is validated against it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import TuneforgeError, suggest
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field("minilm-l6", description="Alias (see `tuneforge models`), local Hugging Face directory, cached hub name, or timm architecture.")
+    source: Literal["auto", "alias", "hf", "timm"] = Field("auto", description="Where `name` comes from; `auto` tries alias, local directory, timm, then the local HF cache.")
+    weights: Optional[str] = Field(None, description="Local weights file (.safetensors, or .pth loaded with weights_only=True) for timm architectures.")
+    key_map: Optional[str] = Field(None, description="Key-mapping hook for `weights`: a registered name (e.g. efficientnet_pytorch) or 'package.module:function'.")
+    trust_remote_code: bool = Field(False, description="Allow a Hugging Face model directory to run its own Python code. Off unless you trust the source.")
+
+
+class TaskSection(_Section):
+    type: Literal["text-classification", "image-classification"] = Field("text-classification", description="What the model learns to do.")
+    multi_label: bool = Field(False, description="Each example may carry several labels (sigmoid + binary cross-entropy).")
+    label_separator: str = Field(",", description="Separator between labels inside one cell for multi-label CSV/TSV data.")
+    max_length: Optional[int] = Field(None, ge=8, description="Maximum tokens per text (longer texts are truncated); default: the model's limit, capped at 512.")
+    pooling: Literal["mean", "cls"] = Field("mean", description="How token features become one vector for the text head.")
+    image_size: Optional[int] = Field(None, ge=16, description="Square input size for images; default: the backbone's pretrained input size.")
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the classification head.")
+
+
+class SplitColumns(_Section):
+    text_column: Optional[str] = Field(None, description="Text column for this split (overrides data.text_column).")
+    label_column: Optional[str] = Field(None, description="Label column for this split (overrides data.label_column).")
+    image_column: Optional[str] = Field(None, description="Image-path column for this split (overrides data.image_column).")
+
+
+class DataSection(_Section):
+    train: Optional[str] = Field(None, description="Training data: CSV/TSV/JSONL/Parquet file, or an image folder (one sub-folder per class).")
+    validation: Optional[str] = Field(None, description="Validation data; if absent, a stratified `validation_split` of train is held out.")
+    test: Optional[str] = Field(None, description="Test data, evaluated once with the best model at the end.")
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = Field("auto", description="File format; `auto` uses the extension.")
+    encoding: str = Field("utf-8", description="Text encoding of CSV/TSV/JSONL files.")
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Column holding the label (string or integer; a list or separated string for multi-label).")
+    image_column: str = Field("image", description="Column holding image paths in an image manifest (relative to the manifest).")
+    columns: dict[Literal["train", "validation", "test"], SplitColumns] = Field(default_factory=dict, description="Per-split column overrides, e.g. {validation: {text_column: content}}.")
+    validation_split: float = Field(0.1, gt=0.0, lt=0.9, description="Fraction of train held out for validation when data.validation is not given.")
+    max_train_rows: Optional[int] = Field(None, ge=1, description="Use only the first N training rows.")
+    max_eval_rows: Optional[int] = Field(None, ge=1, description="Use only the first N validation/test rows.")
+    augment: bool = Field(True, description="Train-time image augmentation (random resized crop, horizontal flip).")
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip when augmenting (0 for digits, text in images, ...).")
+    crop_scale: tuple[float, float] = Field((0.6, 1.0), description="Area range of the random resized crop when augmenting.")
+    on_bad_record: Literal["error", "skip"] = Field("error", description="A malformed row, empty field or unreadable image: stop with an error, or skip it and report.")
+    num_workers: Optional[int] = Field(None, ge=0, description="Data-loader worker processes; default 0 for text (pre-tokenised), 1 for images.")
+
+    def column(self, split: str, role: str) -> str:
+        override = self.columns.get(split)  # type: ignore[call-overload]
+        value = getattr(override, f"{role}_column", None) if override else None
+        return value or getattr(self, f"{role}_column")
+
+
+NAME_DOC = "How the pretrained model is adapted: full, linear-probe, partial, lora."
+
+
+class StrategyOptions(_Section):
+    """Base of every strategy's options; each strategy module registers a subclass."""
+
+    name: str = Field("full", description=NAME_DOC)
+
+
+class EarlyStopping(_Section):
+    patience: Optional[int] = Field(None, ge=1, description="Stop after this many evaluations without improvement; null disables early stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change of the monitored metric that counts as an improvement.")
+
+
+class TrainSection(_Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(32, ge=1, description="Examples per micro-batch.")
+    eval_batch_size: Optional[int] = Field(None, ge=1, description="Examples per evaluation batch; default 2x batch_size.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate of the backbone (low: the weights are already good).")
+    head_lr: Optional[float] = Field(None, gt=0, description="Learning rate of the new head (it starts from random, so it may take a higher rate); default: lr.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms).")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
+    warmup: float = Field(0.06, ge=0, description="Warmup: a fraction of total steps if < 1, else a number of steps.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm; null disables clipping.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 autocast where the CPU/GPU runs it natively, else fp32.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    seed: int = Field(42, description="Seeds Python, NumPy and torch (data order, splits, init, dropout).")
+    deterministic: bool = Field(False, description="Use deterministic algorithms (slower; bit-exact repeat runs).")
+    eval_every: Optional[int] = Field(None, ge=1, description="Evaluate every N optimizer steps; default once per epoch.")
+    log_every: int = Field(10, ge=1, description="Write a training-loss line to metrics.jsonl every N optimizer steps.")
+    metric_for_best: str = Field("accuracy", description="Validation metric that picks the best checkpoint and drives early stopping (e.g. accuracy, f1_macro, loss).")
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping on metric_for_best.")
+    save_every: Optional[int] = Field(None, ge=1, description="Also write a checkpoint every N optimizer steps (the best one is always kept).")
+    keep_checkpoints: int = Field(2, ge=1, description="Periodic checkpoints kept on disk (oldest removed first).")
+    group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding, faster).")
+    progress: bool = Field(True, description="Show progress bars.")
+
+    @property
+    def minimize(self) -> bool:
+        return self.metric_for_best.endswith("loss")
+
+
+class OutputSection(_Section):
+    dir: Optional[str] = Field(None, description="Run directory; default runs/<recipe name>-<timestamp>.")
+    name: Optional[str] = Field(None, description="Run name used in the default directory.")
+    overwrite: bool = Field(False, description="Allow writing into a directory that already holds a run.")
+    save_model: bool = Field(True, description="Write the final model (best checkpoint) into <run>/model.")
+
+
+class Recipe(_Section):
+    """A complete, reproducible description of one fine-tuning run."""
+
+    model: ModelSection = Field(default_factory=ModelSection, description="The pretrained model to adapt.")
+    task: TaskSection = Field(default_factory=TaskSection, description="What the model learns.")
+    data: DataSection = Field(default_factory=DataSection, description="Where the examples come from.")
+    strategy: StrategyOptions = Field(default_factory=StrategyOptions, description="Which parameters train, and how.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
+    output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy_options(cls, value: Any) -> Any:
+        from .strategies import options_class
+
+        if isinstance(value, StrategyOptions):
+            value = value.model_dump()
+        value = dict(value or {})
+        name = value.setdefault("name", "full")
+        return options_class(name).model_validate(value)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Recipe":
+        if self.task.type == "image-classification":
+            if self.task.multi_label:
+                raise ValueError("task.multi_label is only supported for text-classification so far; set task.multi_label: false")
+        if self.train.eval_batch_size is None:
+            self.train.eval_batch_size = 2 * self.train.batch_size
+        return self
+
+    def dump(self) -> dict:
+        """The resolved recipe as plain data (every default filled in)."""
+        return self.model_dump(mode="json", serialize_as_any=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _sections(model_cls: type[BaseModel]) -> dict[str, Any]:
+    return dict(model_cls.model_fields)
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel class inside an annotation (Optional[X], X), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_keys(data: Any, model_cls: type[BaseModel], path: str) -> None:
+    """Reject unknown keys with a did-you-mean, before pydantic sees them."""
+    if not isinstance(data, dict):
+        return
+    if model_cls is StrategyOptions:
+        from .strategies import options_class
+
+        try:
+            model_cls = options_class(str(data.get("name", "full")))
+        except TuneforgeError:
+            return  # the unknown strategy name is reported by validation
+    fields = _sections(model_cls)
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            valid = ", ".join(fields)
+            scope = f" (for strategy '{data.get('name', 'full')}')" if path == "strategy" else ""
+            raise TuneforgeError(
+                f"unknown recipe key '{where}'{suggest(str(key), fields)}; valid keys here{scope} are: {valid}"
+            )
+        annotation = fields[key].annotation
+        nested = _nested_model(annotation)
+        if nested is not None and getattr(annotation, "__origin__", None) is not dict:
+            _check_keys(value, nested, where)
+        elif nested is not None and isinstance(value, dict):  # dict[str, Section]
+            for sub_key, sub_value in value.items():
+                _check_keys(sub_value, nested, f"{where}.{sub_key}")
+
+
+def _format_validation(err: ValidationError, origin: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        msg = item["msg"].removeprefix("Value error, ")
+        given = item.get("input")
+        shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
+        lines.append(f"  {loc or '<recipe>'}: {msg}{shown}")
+    return f"invalid recipe {origin}:\n" + "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=3e-5`` -> (["train", "lr"], 3e-05). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise TuneforgeError(f"--set expects key.path=value, got '{text}' (e.g. --set train.lr=3e-5)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads "3e-5" as a string (it wants a dot); users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return [p for p in key.strip().split(".") if p], value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def recipe_from_dict(data: dict, origin: str = "(python)") -> Recipe:
+    if not isinstance(data, dict):
+        raise TuneforgeError(f"recipe {origin} must be a mapping of sections (model, task, data, strategy, train, output)")
+    _check_keys(data, Recipe, "")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise TuneforgeError(_format_validation(err, origin)) from None
+
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe from a YAML path, a dict or a Recipe, then apply ``key.path=value`` overrides."""
+    if isinstance(source, Recipe):
+        data, origin = source.dump(), "(python)"
+    elif isinstance(source, dict):
+        data, origin = source, "(python)"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise TuneforgeError(f"recipe file '{path}' does not exist (see recipes/ for examples)")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise TuneforgeError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        origin = str(path)
+        data = _resolve_relative_paths(data, path.parent)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return recipe_from_dict(data, origin)
+
+
+def _resolve_relative_paths(data: dict, base: Path) -> dict:
+    """Paths in a recipe file are relative to the current directory, as users type them;
+    we keep them so. (Hook kept for a later `relative_to: recipe` option.)"""
+    return data
+
+
+def describe_fields(model_cls: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every field: the source for docs and `tuneforge validate --explain`."""
+    rows = []
+    for name, field in model_cls.model_fields.items():
+        key = f"{prefix}{name}"
+        nested = _nested_model(field.annotation)
+        if nested is not None and getattr(field.annotation, "__origin__", None) is not dict:
+            rows.append((key, "", field.description or ""))
+            rows.extend(describe_fields(nested, key + "."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((key, repr(default), field.description or ""))
+    return rows

@@ -1,0 +1,143 @@
+"""Saving the final model into ``<run>/model`` and loading it back for prediction.
+
+Layout (``tuneforge.json`` says which applies):
+- HF backbone, weights changed (full / partial): ``backbone/`` is a Hugging Face
+  model directory (config, safetensors weights, tokenizer) + ``head.safetensors``;
+- HF backbone unchanged (linear-probe): the same, so the model stands on its own;
+- timm backbone (any non-LoRA strategy): ``model.safetensors`` + the timm
+  architecture name;
+- LoRA: ``adapter/`` as written by ``peft`` (loads with ``PeftModel.from_pretrained``
+  on the same base) + the base model reference.
+Plus ``labels.json`` (label map) and the task's preprocessing settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import TuneforgeError
+
+FORMAT_VERSION = 1
+
+
+def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = loaded.info
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "task": recipe.task.model_dump(mode="json"),
+        "modality": info.modality,
+        "family": info.family,
+        "feature_dim": info.feature_dim,
+        "strategy": recipe.strategy.name,
+        "base_model": recipe.model.model_dump(mode="json"),
+        "base_spec": info.spec,
+        "task_settings": task.settings(),
+    }
+    if recipe.strategy.name == "lora":
+        model.save_pretrained(str(directory / "adapter"))
+        meta["layout"] = "peft-adapter"
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(directory / "tokenizer"))
+    elif info.spec.get("kind") == "hf":
+        model.backbone.save_pretrained(str(directory / "backbone"), safe_serialization=True)
+        loaded.tokenizer.save_pretrained(str(directory / "backbone"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.task_head.state_dict().items()},
+                  str(directory / "head.safetensors"))
+        meta["layout"] = "hf-backbone+head"
+    else:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+        meta["layout"] = "full-state"
+    labels.save(directory / "labels.json")
+    (directory / "tuneforge.json").write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def _load_base(meta: dict, directory: Path):
+    from .models import load_model
+
+    layout = meta["layout"]
+    if layout == "hf-backbone+head":
+        return load_model(str(directory / "backbone"), source="hf")
+    if layout == "full-state":
+        spec = meta["base_spec"]
+        return load_model(spec["arch"], source="timm", pretrained=False)
+    base = meta["base_model"]  # peft adapter: rebuild the same pretrained base
+    return load_model(base["name"], source=base["source"], weights=base["weights"], key_map=base["key_map"],
+                      trust_remote_code=base["trust_remote_code"])
+
+
+def load_model_dir(directory: Path):
+    """-> (model in eval mode, task, labels, meta)."""
+    from .recipe import recipe_from_dict
+    from .tasks import LabelMap, get_task
+
+    directory = Path(directory)
+    if (directory / "model" / "tuneforge.json").exists():
+        directory = directory / "model"
+    meta_path = directory / "tuneforge.json"
+    if not meta_path.exists():
+        raise TuneforgeError(
+            f"'{directory}' is not a tuneforge run or model directory (no model/tuneforge.json); "
+            "pass the run directory printed by `tuneforge train`"
+        )
+    meta = json.loads(meta_path.read_text())
+    labels = LabelMap.from_json(json.loads((directory / "labels.json").read_text()))
+    recipe = recipe_from_dict({"task": meta["task"], "model": meta["base_model"], "strategy": {"name": meta["strategy"]}})
+    task = get_task(recipe)
+    loaded = _load_base(meta, directory)
+    task.attach(loaded)
+    settings = meta.get("task_settings", {})
+    if "max_length" in settings:
+        task.max_length = settings["max_length"]
+    if "preprocessing" in settings:
+        task.preprocessing = settings["preprocessing"]
+    model = task.build_model(loaded, labels)
+    layout = meta["layout"]
+    if layout == "hf-backbone+head":
+        model.task_head.load_state_dict(load_file(str(directory / "head.safetensors")))
+    elif layout == "full-state":
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(directory / "adapter"))
+    model.eval()
+    return model, task, labels, meta
+
+
+class Predictor:
+    """Loads a run's model and predicts labels with probabilities."""
+
+    def __init__(self, path, device: str = "cpu", batch_size: int = 64):
+        self.model, self.task, self.labels, self.meta = load_model_dir(Path(path))
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def predict_proba(self, inputs: list) -> torch.Tensor:
+        out = []
+        for i in range(0, len(inputs), self.batch_size):
+            batch = self.task.encode_inputs(inputs[i:i + self.batch_size])
+            logits = self.model(**{k: v.to(self.device) for k, v in batch.items()})  # (B, C)
+            out.append(self.task.probabilities(logits).cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.labels))
+
+    def predict(self, inputs: list) -> list[dict]:
+        probs = self.predict_proba(list(inputs))
+        results = []
+        for row in probs:
+            scores = {str(self.labels.names[j]): round(float(p), 6) for j, p in enumerate(row)}
+            if self.labels.multi_label:
+                label = [self.labels.name(j) for j, p in enumerate(row) if p >= 0.5]
+            else:
+                label = self.labels.name(int(row.argmax()))
+            results.append({"label": label, "scores": scores})
+        return results

@@ -1,0 +1,16 @@
+"""`linear-probe`: the backbone is a frozen feature extractor; only the head trains."""
+
+from pydantic import Field
+
+from ..recipe import NAME_DOC, StrategyOptions
+from .base import FreezingStrategy, register
+
+
+class LinearProbeOptions(StrategyOptions):
+    name: str = Field("linear-probe", description=NAME_DOC)
+
+
+@register("linear-probe", LinearProbeOptions)
+class LinearProbe(FreezingStrategy):
+    def frozen_groups(self, groups):
+        return list(groups)

@@ -1,0 +1,22 @@
+"""Tasks: one module per task. A task builds the head, turns records into
+batches, computes the loss and declares its metrics."""
+
+from __future__ import annotations
+
+from .base import Classifier, LabelMap, Task
+
+
+def get_task(recipe) -> Task:
+    kind = recipe.task.type
+    if kind == "text-classification":
+        from .text_classification import TextClassification
+
+        return TextClassification(recipe)
+    if kind == "image-classification":
+        from .image_classification import ImageClassification
+
+        return ImageClassification(recipe)
+    raise AssertionError(kind)  # the recipe schema only admits the types above
+
+
+__all__ = ["Classifier", "LabelMap", "Task", "get_task"]

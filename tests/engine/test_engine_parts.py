@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge.data.batching import EpochBatchSampler
+from tuneforge.engine.checkpoint import load_checkpoint_weights, save_checkpoint
+from tuneforge.engine.optim import schedule_fn
+from tuneforge.engine.precision import resolve_precision
+from tuneforge.errors import TuneforgeError
+
+
+def test_schedules_warm_up_then_decay():
+    lin = schedule_fn("linear", total_steps=100, warmup_steps=10)
+    assert lin(0) == pytest.approx(0.1) and lin(9) == pytest.approx(1.0)
+    assert lin(55) == pytest.approx(0.5) and lin(100) == pytest.approx(0.0)
+    cos = schedule_fn("cosine", 100, 0)
+    assert cos(0) == pytest.approx(1.0) and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0, abs=1e-9)
+    assert schedule_fn("constant", 100, 5)(80) == 1.0
+
+
+def test_sampler_is_seeded_per_epoch_and_covers_everything():
+    s = EpochBatchSampler(103, 10, shuffle=True, seed=1)
+    s.set_epoch(0)
+    a = list(s)
+    s.set_epoch(1)
+    b = list(s)
+    s.set_epoch(0)
+    assert list(s) == a and a != b
+    assert sorted(i for batch in a for i in batch) == list(range(103))
+
+
+def test_sampler_never_yields_a_batch_of_one():
+    for group in (False, True):
+        s = EpochBatchSampler(21, 4, shuffle=True, seed=0, lengths=list(range(21)), group_by_length=group)
+        batches = list(s)
+        assert min(map(len, batches)) > 1 and len(batches) == len(s)
+        assert sorted(i for b in batches for i in b) == list(range(21))
+
+
+def test_length_grouping_cuts_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 60, (2000,), generator=g).tolist()
+
+    def padded(group: bool) -> int:
+        s = EpochBatchSampler(2000, 32, shuffle=True, seed=0, lengths=lengths, group_by_length=group)
+        return sum(len(b) * max(lengths[i] for i in b) for b in s)
+
+    assert padded(True) < 0.7 * padded(False)
+
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    with pytest.raises(TuneforgeError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", cpu)
+
+
+def test_checkpoint_is_atomic_and_round_trips(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    model[0].weight.requires_grad_(False)
+    save_checkpoint(tmp_path / "best", model, meta={"step": 3})
+    saved = set(__import__("safetensors.torch").torch.load_file(str(tmp_path / "best" / "trainable.safetensors")))
+    assert "0.weight" not in saved and {"0.bias", "1.running_mean"} <= saved  # trainable + buffers only
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].bias.add_(1.0)
+    assert load_checkpoint_weights(tmp_path / "best", model)["step"] == 3
+    assert all(original[k].equal(v) for k, v in model.state_dict().items())
+    save_checkpoint(tmp_path / "best", model, meta={"step": 4})  # replacing leaves no temp dirs behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

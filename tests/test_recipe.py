@@ -78,3 +78,10 @@ def test_resolved_recipe_round_trips():
     again = load_recipe(recipe.dump())
     assert again.dump() == recipe.dump()
     assert again.strategy.rank == 4
+
+
+def test_options_reference_is_up_to_date():
+    from tuneforge.cli import options_markdown
+
+    docs = Path(__file__).parent.parent / "docs" / "recipe.md"
+    assert docs.read_text() == options_markdown(), "regenerate: tuneforge options > docs/recipe.md"

@@ -7,6 +7,8 @@ from .base import FreezingStrategy, register
 
 
 class FullOptions(StrategyOptions):
+    """Every parameter trains, backbone at `train.lr`, head at `train.head_lr`. Best accuracy with enough data; the most memory."""
+
     name: str = Field("full", description=NAME_DOC)
 
 

@@ -7,6 +7,8 @@ from .base import FreezingStrategy, register
 
 
 class LinearProbeOptions(StrategyOptions):
+    """The backbone is a frozen feature extractor (BatchNorm statistics and dropout frozen too); only the head trains. Fast, small to save, good with little data."""
+
     name: str = Field("linear-probe", description=NAME_DOC)
 
 

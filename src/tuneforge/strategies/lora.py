@@ -18,6 +18,8 @@ from .base import head_and_body_groups, register
 
 
 class LoraOptions(StrategyOptions):
+    """Low-rank adapters (via peft) on the family's attention/MLP projections (or `targets`); the head trains in full. The saved adapter loads with plain peft too."""
+
     name: str = Field("lora", description=NAME_DOC)
     rank: int = Field(8, ge=1, description="LoRA rank r (size of the low-rank update).")
     alpha: float = Field(16, gt=0, description="LoRA scaling numerator: updates are scaled by alpha/rank (LoRA paper, section 4.1).")

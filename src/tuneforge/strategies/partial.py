@@ -8,6 +8,8 @@ from .base import FreezingStrategy, register
 
 
 class PartialOptions(StrategyOptions):
+    """The lower layer groups stay frozen; the top `layers` groups and the head train."""
+
     name: str = Field("partial", description=NAME_DOC)
     layers: int = Field(2, ge=1, description="Number of top layer groups that train (the rest of the backbone is frozen).")
 

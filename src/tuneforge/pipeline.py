@@ -53,7 +53,7 @@ class _Log:
 
     def __call__(self, message: str) -> None:
         if self.console is not None:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, soft_wrap=True)
 
 
 def _read_splits(recipe: Recipe, task, log) -> tuple[dict, dict, dict]:

@@ -70,3 +70,22 @@ def test_checkpoint_is_atomic_and_round_trips(tmp_path):
     assert all(original[k].equal(v) for k, v in model.state_dict().items())
     save_checkpoint(tmp_path / "best", model, meta={"step": 4})  # replacing leaves no temp dirs behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_bert_dir, tmp_path):
+    """bs 8 x accum 1 and bs 4 x accum 2 see the same 8 examples and take the same step."""
+    from safetensors.torch import load_file
+
+    from helpers import text_recipe, write_text_csv
+    from tuneforge import finetune
+
+    train = write_text_csv(tmp_path / "train.csv", n=40)
+    heads = []
+    for bs, accum in ((8, 1), (4, 2)):
+        run = finetune(text_recipe(tiny_bert_dir, train, tmp_path / f"run{accum}", "linear-probe",
+                                   task={"head_dropout": 0.0},
+                                   train={"batch_size": bs, "grad_accum": accum, "max_steps": 1, "warmup": 0,
+                                          "group_by_length": False, "max_grad_norm": None, "lr": 1e-2}))
+        heads.append(load_file(str(run.path / "model" / "head.safetensors")))
+    for k in heads[0]:
+        torch.testing.assert_close(heads[0][k], heads[1][k], rtol=1e-5, atol=1e-6)

@@ -40,9 +40,6 @@ class Strategy(Protocol):
     def set_train_mode(self, model: nn.Module) -> None:
         """``model.train()``, keeping frozen parts in eval mode (BatchNorm statistics, dropout)."""
 
-    def save(self, model: nn.Module, directory) -> dict:
-        """Write what must be kept into ``directory``; return a JSON-able description."""
-
 
 # --------------------------------------------------------------------------- shared helpers
 
@@ -136,10 +133,3 @@ class FreezingStrategy:
 
     def param_groups(self, model, lr, head_lr, weight_decay):
         return head_and_body_groups(model, lr, head_lr, weight_decay)
-
-    def save(self, model: nn.Module, directory) -> dict:
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"))
-        return {"format": "full-state", "file": "model.safetensors"}

@@ -60,8 +60,3 @@ class Lora:
     def param_groups(self, model, lr, head_lr, weight_decay):
         # peft wraps the head as `...task_head.modules_to_save.default`; LoRA A/B matrices train at `lr`.
         return head_and_body_groups(model, lr, head_lr, weight_decay, is_head=lambda n: ".task_head." in n)
-
-    def save(self, model: nn.Module, directory) -> dict:
-        adapter_dir = directory / "adapter"
-        model.save_pretrained(str(adapter_dir))
-        return {"format": "peft-adapter", "dir": "adapter"}

@@ -40,6 +40,7 @@ class TaskSection(_Section):
     multi_label: bool = Field(False, description="Each example may carry several labels (sigmoid + binary cross-entropy).")
     label_separator: str = Field(",", description="Separator between labels inside one cell for multi-label CSV/TSV data.")
     max_length: Optional[int] = Field(None, ge=8, description="Maximum tokens per text (longer texts are truncated); default: the model's limit, capped at 512.")
+    truncation: Literal["truncate", "error"] = Field("truncate", description="Texts longer than max_length: cut them (and report how many), or stop with an error naming each row.")
     pooling: Literal["mean", "cls"] = Field("mean", description="How token features become one vector for the text head.")
     image_size: Optional[int] = Field(None, ge=16, description="Square input size for images; default: the backbone's pretrained input size.")
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the classification head.")
@@ -60,6 +61,7 @@ class DataSection(_Section):
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("label", description="Column holding the label (string or integer; a list or separated string for multi-label).")
     image_column: str = Field("image", description="Column holding image paths in an image manifest (relative to the manifest).")
+    id_column: Optional[str] = Field(None, description="Optional column of unique example ids: duplicates are errors, and ids label predictions and error reports.")
     columns: dict[Literal["train", "validation", "test"], SplitColumns] = Field(default_factory=dict, description="Per-split column overrides, e.g. {validation: {text_column: content}}.")
     validation_split: float = Field(0.1, gt=0.0, lt=0.9, description="Fraction of train held out for validation when data.validation is not given.")
     max_train_rows: Optional[int] = Field(None, ge=1, description="Use only the first N training rows.")
@@ -68,6 +70,7 @@ class DataSection(_Section):
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip when augmenting (0 for digits, text in images, ...).")
     crop_scale: tuple[float, float] = Field((0.6, 1.0), description="Area range of the random resized crop when augmenting.")
     on_bad_record: Literal["error", "skip"] = Field("error", description="A malformed row, empty field or unreadable image: stop with an error, or skip it and report.")
+    max_image_pixels: int = Field(100_000_000, ge=1, description="Largest image (width x height) accepted; bigger files are refused as possible decompression bombs.")
     num_workers: Optional[int] = Field(None, ge=0, description="Data-loader worker processes; default 0 for text (pre-tokenised), 1 for images.")
 
     def column(self, split: str, role: str) -> str:
@@ -101,6 +104,7 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms).")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
     warmup: float = Field(0.06, ge=0, description="Warmup: a fraction of total steps if < 1, else a number of steps.")
+    on_nonfinite: Literal["error", "skip"] = Field("error", description="A NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip that batch and count it.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm; null disables clipping.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 autocast where the CPU/GPU runs it natively, else fp32.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")

@@ -16,11 +16,15 @@ from .errors import TuneforgeError
 from .recipe import Recipe, load_recipe
 
 
-def finetune(recipe, *, overrides=None, console=None):
-    """Run a recipe (path, dict or Recipe) end to end; returns a Run (.metrics, .predict, .path)."""
+def finetune(recipe, *, overrides=None, console=None, resume=None, init_from=None):
+    """Run a recipe (path, dict or Recipe) end to end; returns a Run (.metrics, .predict, .path).
+
+    ``resume``: a run directory (or "auto") to continue exactly from its newest valid checkpoint;
+    ``init_from``: a run directory whose final weights start this new run (warm start).
+    """
     from .pipeline import finetune as _finetune
 
-    return _finetune(recipe, overrides=overrides, console=console)
+    return _finetune(recipe, overrides=overrides, console=console, resume=resume, init_from=init_from)
 
 
 def load(path, device: str = "cpu"):

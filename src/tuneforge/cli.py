@@ -24,7 +24,7 @@ def cmd_train(args) -> int:
     if args.output:
         overrides.append(f"output.dir={args.output}")
     run = finetune(args.recipe, overrides=overrides, console=_console(), argv=sys.argv,
-                   overwrite=True if args.overwrite else None)
+                   overwrite=True if args.overwrite else None, resume=args.resume, init_from=args.init_from)
     _print_final(run.metrics)
     print(run.path)
     return 0
@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. train.lr=3e-5")
     t.add_argument("--output", help="run directory (same as --set output.dir=...)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    t.add_argument("--resume", metavar="RUN_DIR|auto",
+                   help="continue that run exactly from its newest valid checkpoint (same recipe and data)")
+    t.add_argument("--init-from", metavar="RUN_DIR",
+                   help="warm start: a new run whose model starts from that run's final weights")
     t.set_defaults(fn=cmd_train)
 
     v = sub.add_parser("validate", help="check a recipe without running it")
@@ -193,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except TuneforgeError as err:
+        from .pipeline import RunInterrupted
+
+        if isinstance(err, RunInterrupted):
+            print(str(err), file=sys.stderr)
+            return 130
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,8 +7,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,23 +91,59 @@ def _read_splits(recipe: Recipe, task, log) -> tuple[dict, dict, dict]:
     return splits, skipped, rows
 
 
+class RunInterrupted(TuneforgeError):
+    """SIGINT/SIGTERM stopped training; a resumable checkpoint was saved first."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals(state, log):
+    """First SIGINT/SIGTERM: finish the current step, save, exit. A second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        state.should_stop = state.interrupted = True
+        state.stop_reason = f"{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort)"
+        log(f"[yellow]{state.stop_reason}[/]")
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, getattr(torch, "OutOfMemoryError", ())) or (
+        isinstance(err, RuntimeError) and any(t in text for t in ("out of memory", "can't allocate memory",
+                                                                  "not enough memory")))
+
+
 def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None = None, console=None,
-             argv: list[str] | None = None, overwrite: bool | None = None) -> Run:
-    """Run a recipe end to end; return a :class:`Run`."""
+             argv: list[str] | None = None, overwrite: bool | None = None, resume: str | None = None,
+             init_from: str | None = None) -> Run:
+    """Run a recipe end to end; return a :class:`Run`.
+
+    ``resume``: a run directory (or ``"auto"``) to continue exactly from its newest valid
+    checkpoint. ``init_from``: a run directory whose final weights start a new run.
+    """
     from rich.console import Console
 
     from .data.records import file_fingerprint
-    from .engine.callbacks import BestCheckpoint, EarlyStopping, MetricsLog
-    from .engine.checkpoint import load_checkpoint_weights
-    from .engine.optim import build_optimizer, build_scheduler
+    from .engine.checkpoint import newest_valid, recover
     from .engine.precision import precision_name, resolve_device, resolve_precision
-    from .engine.progress import RichProgress
-    from .engine.trainer import Trainer
-    from .models import load_model
-    from .saving import save_model
-    from .strategies import describe_trainable, get_strategy
+    from .resume import check_same_run, find_run_to_resume
     from .tasks import get_task
 
+    if resume and init_from:
+        raise TuneforgeError("--resume continues a run exactly and --init-from starts a new one; use one of them")
     origin = str(recipe) if isinstance(recipe, (str, Path)) else None
     recipe = load_recipe(recipe, overrides)
     console = console if console is not None else Console(stderr=True)
@@ -119,93 +159,164 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
     splits, skipped, rows = _read_splits(recipe, task, log)
     labels = task.label_map(splits["train"])
     log(f"data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f" examples; {len(labels)} labels")
+    fingerprints = {s: file_fingerprint(getattr(recipe.data, s)) for s in rows}
 
-    # 2. the run directory
-    run = RunDir(prepare_run_dir(Path(recipe.output.dir) if recipe.output.dir else default_run_dir(recipe, origin),
-                                 recipe.output.overwrite if overwrite is None else overwrite))
-    run.write_recipe(recipe)
-    run.start_manifest(recipe, argv, device, precision_name(amp_dtype))
-    run.update_manifest(data={s: {**file_fingerprint(getattr(recipe.data, s)), "rows_read": n} for s, n in rows.items()},
-                        examples={k: len(v) for k, v in splits.items()},
-                        skipped={k: [str(x) for x in v] for k, v in skipped.items() if v})
+    # 2. the run directory: a new one, or the run being resumed
+    checkpoint = None
+    if resume:
+        run = RunDir(find_run_to_resume(resume, recipe, origin))
+        check_same_run(run.path, recipe, fingerprints)
+        recover(run.checkpoints, None, report=log)
+        checkpoint = newest_valid(run.checkpoints, report=log)
+        recover(run.checkpoints, checkpoint, report=log)
+        if checkpoint is None:
+            raise TuneforgeError(f"{run.path} has no valid resumable checkpoint to continue from; "
+                                 "start it again with --overwrite (or set train.save_every to checkpoint more often)")
+        run.load_manifest()
+        resumed = run.manifest.get("resumed", []) + [{"from": checkpoint.name, "argv": argv or sys.argv}]
+        run.update_manifest(status="running", resumed=resumed, error=None)
+        log(f"resume: continuing {run.path} exactly from {checkpoint.name}")
+    else:
+        run = RunDir(prepare_run_dir(Path(recipe.output.dir) if recipe.output.dir else default_run_dir(recipe, origin),
+                                     recipe.output.overwrite if overwrite is None else overwrite))
+        run.write_recipe(recipe)
+        run.start_manifest(recipe, argv, device, precision_name(amp_dtype))
+        run.update_manifest(data={s: {**fingerprints[s], "rows_read": n} for s, n in rows.items()},
+                            examples={k: len(v) for k, v in splits.items()},
+                            skipped={k: [str(x) for x in v] for k, v in skipped.items() if v},
+                            init_from=init_from)
 
     # Everything after this point is recorded in the manifest if it fails, so a
     # run directory never looks complete (or silently "running") when it is not.
+    trainer = None
     try:
-        # 3. model, head and strategy
-        t0 = time.perf_counter()
-        m = recipe.model
-        loaded = load_model(m.name, source=m.source, weights=m.weights, key_map=m.key_map,
-                            trust_remote_code=m.trust_remote_code)
-        if loaded.info.modality != task.modality:
-            raise TuneforgeError(
-                f"model '{m.name}' is a {loaded.info.modality} model but task.type is {recipe.task.type}; "
-                f"pick a {task.modality} model (see `tuneforge models`) or change task.type")
-        task.attach(loaded)
-        model = task.build_model(loaded, labels)
-        strategy = get_strategy(recipe.strategy)
-        model = strategy.apply(model, loaded.info)
-        model.to(device)
-        log(f"model: {m.name} ({loaded.info.family}, {loaded.info.modality}) loaded in {time.perf_counter() - t0:.1f}s; "
-            f"strategy {strategy.name}: {describe_trainable(model)}")
-        adapted = getattr(strategy, "adapted", [])
-        if adapted:
-            log(f"adapted modules ({len(adapted)}): " + ", ".join(adapted[:6]) + (" ..." if len(adapted) > 6 else ""))
+        model, loaded, strategy = _build_model(recipe, task, labels, device, init_from, log)
+        trainer, loaders, prep_s = _build_trainer(recipe, task, splits, labels, model, strategy, run, device,
+                                                  amp_dtype, console, log)
+        if checkpoint is not None:
+            from .engine.checkpoint import load_resumable, restore_rng
 
-        # 4. batches (texts are tokenised here, once)
+            trainer.restore(load_resumable(checkpoint, model, trainer.optimizer, trainer.scheduler, trainer.scaler))
+            restore_rng(checkpoint)  # last: nothing may consume randomness between here and the loop
         t0 = time.perf_counter()
-        datasets = {k: task.dataset(v, labels, k) for k, v in splits.items()}
-        prep_s = time.perf_counter() - t0
-        loaders = {k: task.loader(d, cfg.batch_size if k == "train" else cfg.eval_batch_size, train=k == "train",
-                                  seed=cfg.seed) for k, d in datasets.items()}
-        truncated = getattr(task, "truncated", {})
-        if any(truncated.values()):
-            log(f"[yellow]truncated to {task.max_length} tokens[/]: " + ", ".join(f"{k} {v}" for k, v in truncated.items() if v)
-                + " text(s) (set task.max_length to change)")
-
-        # 5. train
-        head_lr = cfg.head_lr or cfg.lr
-        optimizer = build_optimizer(strategy.param_groups(model, cfg.lr, head_lr, cfg.weight_decay), device)
-        trainer_kwargs = dict(model=model, task=task, strategy=strategy, optimizer=optimizer, train_loader=loaders["train"],
-                              val_loader=loaders["validation"], cfg=cfg, device=device, amp_dtype=amp_dtype,
-                              metrics_factory=lambda: task.metrics(labels))
-        callbacks = [MetricsLog(run.metrics_path, cfg.log_every),
-                     BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.save_every,
-                                    cfg.keep_checkpoints, cfg.early_stopping.min_delta)]
-        if cfg.early_stopping.patience:
-            callbacks.append(EarlyStopping(cfg.early_stopping.patience))
-        if cfg.progress:
-            callbacks.append(RichProgress(console))
-        trainer = Trainer(scheduler=None, callbacks=callbacks, **trainer_kwargs)
-        trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps, cfg.warmup)
-        log(f"training: {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), batch {cfg.batch_size}"
-            f"x{cfg.grad_accum}, lr {cfg.lr:g} (head {head_lr:g}), {precision_name(amp_dtype)} on {device}")
-        t0 = time.perf_counter()
-        state = trainer.fit()
+        with _stop_on_signals(trainer.state, log):
+            state = trainer.fit()
         train_s = time.perf_counter() - t0
+        if state.interrupted:
+            if state.last_checkpoint_step != state.step:
+                trainer.save_resumable()
+            run.update_manifest(status="interrupted", steps=state.step)
+            command = f"tuneforge train {origin or 'RECIPE'} --resume {run.path}"
+            raise RunInterrupted(f"interrupted at step {state.step}; checkpoint saved in {run.checkpoints}; "
+                                 f"continue with: {command}")
         if state.stop_reason:
             log(state.stop_reason)
-
-        # 6. best weights -> final evaluation -> saved model
-        best = load_checkpoint_weights(run.checkpoints / "best", model)
-        final = {"best_step": best["step"], "metric_for_best": cfg.metric_for_best,
-                 "validation": trainer.evaluate(loaders["validation"], "validation")}
-        if "test" in loaders:
-            final["test"] = trainer.evaluate(loaders["test"], "test")
-        final["labels"] = labels.names
-        run.write_json("eval.json", final)
-        if recipe.output.save_model:
-            save_model(run.model_dir, model=model, loaded=loaded, strategy=strategy, labels=labels, task=task, recipe=recipe)
+        final = _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run)
         timings = {"preprocess_s": round(prep_s, 2), "train_s": round(train_s, 2),
                    "total_s": round(time.perf_counter() - t_start, 2),
                    "train_samples_per_s": round(state.examples / max(train_s, 1e-9), 2)}
-        run.update_manifest(status="completed", steps=state.step, best_step=best["step"], timings=timings,
-                            task_settings=task.settings(), model_info=_info_json(loaded.info))
+        run.update_manifest(status="completed", steps=state.step, best_step=final["best_step"], timings=timings,
+                            task_settings=task.settings(), model_info=_info_json(loaded.info),
+                            skipped_nonfinite=state.skipped_nonfinite)
+    except RunInterrupted:
+        raise
     except BaseException as err:
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         run.update_manifest(status=status, error=f"{type(err).__name__}: {err}")
+        if _out_of_memory(err):
+            last = trainer.state.last_checkpoint_step if trainer else None
+            raise TuneforgeError(
+                f"out of memory ({str(err).splitlines()[0][:160]}) with train.batch_size {cfg.batch_size}; lower "
+                "train.batch_size and raise train.grad_accum to keep the effective batch, shorten task.max_length "
+                "or task.image_size, or use a lighter strategy (lora, linear-probe)"
+                + (f"; the last checkpoint (step {last}) resumes with --resume {run.path}" if last else "")) from err
         raise
     return Run(path=run.path, metrics=final, recipe=recipe, history=state.evals)
+
+
+def _build_model(recipe, task, labels, device, init_from, log):
+    """Pretrained backbone -> task head -> (warm start) -> strategy."""
+    from .models import load_model
+    from .strategies import describe_trainable, get_strategy
+
+    t0 = time.perf_counter()
+    m = recipe.model
+    loaded = load_model(m.name, source=m.source, weights=m.weights, key_map=m.key_map,
+                        trust_remote_code=m.trust_remote_code)
+    if loaded.info.modality != task.modality:
+        raise TuneforgeError(
+            f"model '{m.name}' is a {loaded.info.modality} model but task.type is {recipe.task.type}; "
+            f"pick a {task.modality} model (see `tuneforge models`) or change task.type")
+    task.attach(loaded)
+    model = task.build_model(loaded, labels)
+    if init_from:
+        from .resume import warm_start
+
+        warm_start(model, init_from, labels, log)
+    strategy = get_strategy(recipe.strategy)
+    model = strategy.apply(model, loaded.info)
+    model.to(device)
+    log(f"model: {m.name} ({loaded.info.family}, {loaded.info.modality}) loaded in {time.perf_counter() - t0:.1f}s; "
+        f"strategy {strategy.name}: {describe_trainable(model)}")
+    adapted = getattr(strategy, "adapted", [])
+    if adapted:
+        log(f"adapted modules ({len(adapted)}): " + ", ".join(adapted[:6]) + (" ..." if len(adapted) > 6 else ""))
+    return model, loaded, strategy
+
+
+def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, amp_dtype, console, log):
+    """Batches (texts tokenised here, once), optimizer, schedule, callbacks."""
+    from .engine.callbacks import BestCheckpoint, EarlyStopping, MetricsLog, ResumeCheckpoint
+    from .engine.optim import build_optimizer, build_scheduler
+    from .engine.precision import precision_name
+    from .engine.progress import RichProgress
+    from .engine.trainer import Trainer
+
+    cfg = recipe.train
+    t0 = time.perf_counter()
+    datasets = {k: task.dataset(v, labels, k) for k, v in splits.items()}
+    prep_s = time.perf_counter() - t0
+    loaders = {k: task.loader(d, cfg.batch_size if k == "train" else cfg.eval_batch_size, train=k == "train",
+                              seed=cfg.seed) for k, d in datasets.items()}
+    truncated = getattr(task, "truncated", {})
+    if any(truncated.values()):
+        log(f"[yellow]truncated to {task.max_length} tokens[/]: " + ", ".join(f"{k} {v}" for k, v in truncated.items() if v)
+            + " text(s) (set task.max_length to change)")
+    head_lr = cfg.head_lr or cfg.lr
+    optimizer = build_optimizer(strategy.param_groups(model, cfg.lr, head_lr, cfg.weight_decay), device)
+    # Order matters: the resumable checkpoint records the state the others leave.
+    callbacks = [MetricsLog(run.metrics_path, cfg.log_every),
+                 BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.early_stopping.min_delta)]
+    if cfg.early_stopping.patience:
+        callbacks.append(EarlyStopping(cfg.early_stopping.patience))
+    callbacks.append(ResumeCheckpoint(run.checkpoints, cfg.save_every, cfg.keep_checkpoints))
+    if cfg.progress:
+        callbacks.append(RichProgress(console))
+    trainer = Trainer(model=model, task=task, strategy=strategy, optimizer=optimizer, scheduler=None,
+                      train_loader=loaders["train"], val_loader=loaders["validation"], cfg=cfg, device=device,
+                      amp_dtype=amp_dtype, metrics_factory=lambda: task.metrics(labels), callbacks=callbacks)
+    trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps, cfg.warmup)
+    log(f"training: {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), batch {cfg.batch_size}"
+        f"x{cfg.grad_accum}, lr {cfg.lr:g} (head {head_lr:g}), {precision_name(amp_dtype)} on {device}")
+    return trainer, loaders, prep_s
+
+
+def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run) -> dict:
+    """Best weights -> final evaluation -> saved model."""
+    from .engine.checkpoint import load_checkpoint_weights
+    from .saving import save_model
+
+    best = load_checkpoint_weights(run.checkpoints / "best", model)
+    final = {"best_step": best["step"], "metric_for_best": recipe.train.metric_for_best,
+             "validation": trainer.evaluate(loaders["validation"], "validation")}
+    if "test" in loaders:
+        final["test"] = trainer.evaluate(loaders["test"], "test")
+    final["labels"] = labels.names
+    run.write_json("eval.json", final)
+    if recipe.output.save_model:
+        save_model(run.model_dir, model=model, loaded=loaded, strategy=strategy, labels=labels, task=task,
+                   recipe=recipe)
+    return final
 
 
 def _info_json(info) -> dict:

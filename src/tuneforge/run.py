@@ -53,8 +53,14 @@ def prepare_run_dir(path: Path, overwrite: bool) -> Path:
                 f"output directory '{path}' is not empty and is not a tuneforge run; "
                 "choose an empty or new output.dir (or pass --overwrite)"
             )
-        for name in ("metrics.jsonl", "eval.json"):
+        # --overwrite replaces the old run's artefacts (never unknown files), so no stale
+        # checkpoint or model can be mistaken for this run's.
+        import shutil
+
+        for name in ("config.yaml", RUN_MARKER, "metrics.jsonl", "eval.json"):
             (path / name).unlink(missing_ok=True)
+        for name in ("checkpoints", "model"):
+            shutil.rmtree(path / name, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -123,6 +129,10 @@ class RunDir:
             "data": {},
         }
         self.write_json(RUN_MARKER, self.manifest)
+
+    def load_manifest(self) -> dict:
+        self.manifest = json.loads((self.path / RUN_MARKER).read_text())
+        return self.manifest
 
     def update_manifest(self, **fields) -> None:
         self.manifest.update(fields)

@@ -23,9 +23,11 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.group = group_by_length and lengths is not None and shuffle
         self.megabatch = megabatch
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select epoch ``epoch``'s order; skip its first ``start`` batches (exact resume)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         n = math.ceil(self.n / self.batch_size)
@@ -33,26 +35,27 @@ class EpochBatchSampler(Sampler[list[int]]):
         return n - 1 if folded else n
 
     def __iter__(self):
+        yield from self.batches()[self.start:]
+
+    def batches(self) -> list[list[int]]:
         if not self.shuffle:
             order = list(range(self.n))
             if self.lengths is not None:
                 # Evaluation: longest first, so padding is minimal and a too-large
                 # batch fails at once rather than at the end.
                 order.sort(key=lambda i: -self.lengths[i])
-            yield from (order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size))
-            return
+            return [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         if not self.group:
-            yield from _no_singletons([order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)])
-            return
+            return _no_singletons([order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)])
         # Sort within random mega-batches (keeps randomness), then shuffle the batches.
         size = self.batch_size * self.megabatch
         batches = []
         for start in range(0, self.n, size):
             chunk = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
             batches.extend(chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
-        yield from _no_singletons([batches[j] for j in torch.randperm(len(batches), generator=g).tolist()])
+        return _no_singletons([batches[j] for j in torch.randperm(len(batches), generator=g).tolist()])
 
 
 def _no_singletons(batches: list[list[int]]) -> list[list[int]]:

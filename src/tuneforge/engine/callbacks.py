@@ -2,6 +2,8 @@
 
 Each method is a no-op by default. A callback stops training by setting
 ``trainer.state.should_stop = True`` (with ``trainer.state.stop_reason``).
+A callback with state that a resumed run needs defines ``state_dict()`` and
+``load_state_dict()``; the trainer stores them in every resumable checkpoint.
 """
 
 from __future__ import annotations
@@ -31,10 +33,22 @@ class MetricsLog(Callback):
         self.path, self.log_every = Path(path), log_every
         self.t0 = self.last_t = time.perf_counter()
         self.last_examples = 0
+        self.lines = 0
 
     def write(self, event: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(event) + "\n")
+        self.lines += 1
+
+    def state_dict(self) -> dict:
+        return {"lines": self.lines}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Drop events written after the checkpoint: the resumed run writes them again."""
+        self.lines = state["lines"]
+        if self.path.exists():
+            kept = self.path.read_text(encoding="utf-8").splitlines(keepends=True)[: self.lines]
+            self.path.write_text("".join(kept), encoding="utf-8")
 
     def on_step_end(self, trainer) -> None:
         s = trainer.state
@@ -56,16 +70,12 @@ class MetricsLog(Callback):
 
 
 class BestCheckpoint(Callback):
-    """Keeps the best model by ``metric_for_best`` (on disk, atomically) and,
-    optionally, periodic checkpoints, pruning the oldest beyond ``keep``."""
+    """Keeps the best weights by ``metric_for_best`` on disk (``checkpoints/best``)."""
 
-    def __init__(self, directory: Path, metric: str, minimize: bool, save_every: int | None = None,
-                 keep: int = 2, min_delta: float = 0.0):
-        self.dir, self.metric, self.minimize = Path(directory), metric, minimize
-        self.save_every, self.keep, self.min_delta = save_every, keep, min_delta
+    def __init__(self, directory: Path, metric: str, minimize: bool, min_delta: float = 0.0):
+        self.dir, self.metric, self.minimize, self.min_delta = Path(directory), metric, minimize, min_delta
         self.best: float | None = None
         self.best_step: int | None = None
-        self.periodic: list[Path] = []
 
     def improved(self, value: float) -> bool:
         if self.best is None:
@@ -85,15 +95,39 @@ class BestCheckpoint(Callback):
                             meta={"step": trainer.state.step, "epoch": trainer.state.epoch_float,
                                   self.metric: value, "metrics": {k: v for k, v in metrics.items()}})
 
-    def on_step_end(self, trainer) -> None:
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+
+
+class ResumeCheckpoint(Callback):
+    """Resumable checkpoints (weights, optimizer, scheduler, scaler, RNG, data position,
+    callback state) after every evaluation and every ``save_every`` steps; keeps the
+    newest ``keep``. Must run after the callbacks whose state it records."""
+
+    def __init__(self, directory: Path, save_every: int | None = None, keep: int = 2):
+        self.dir, self.save_every, self.keep = Path(directory), save_every, keep
+
+    def save(self, trainer) -> None:
         s = trainer.state
-        if not self.save_every or s.step % self.save_every:
-            return
-        path = save_checkpoint(self.dir / f"step-{s.step:08d}", trainer.model, optimizer=trainer.optimizer,
-                               scheduler=trainer.scheduler, meta={"step": s.step, "epoch": s.epoch_float})
-        self.periodic.append(path)
-        while len(self.periodic) > self.keep:
-            shutil.rmtree(self.periodic.pop(0), ignore_errors=True)
+        path = self.dir / f"step-{s.step:08d}"
+        save_checkpoint(path, trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+                        scaler=trainer.scaler, meta=trainer.checkpoint_meta(), with_rng=True)
+        s.last_checkpoint_step = s.step
+        older = sorted(p for p in self.dir.glob("step-*") if p != path)
+        for stale in older[: max(0, len(older) - (self.keep - 1))]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def on_step_end(self, trainer) -> None:
+        # When an evaluation follows at this step, save after it instead: a checkpoint
+        # taken between the step and its evaluation would resume past the evaluation.
+        if self.save_every and trainer.state.step % self.save_every == 0 and not trainer.eval_due():
+            self.save(trainer)
+
+    def on_eval_end(self, trainer, metrics: dict) -> None:
+        self.save(trainer)
 
 
 class EarlyStopping(Callback):
@@ -107,3 +141,9 @@ class EarlyStopping(Callback):
         if self.bad >= self.patience:
             trainer.state.should_stop = True
             trainer.state.stop_reason = f"early stopping: no improvement in {self.patience} evaluations"
+
+    def state_dict(self) -> dict:
+        return {"bad": self.bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bad = state["bad"]

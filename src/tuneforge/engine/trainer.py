@@ -21,6 +21,7 @@ import torch
 class TrainState:
     step: int = 0                    # optimizer steps taken
     epoch: int = 0                   # completed passes over the training data
+    micro: int = 0                   # micro-batches consumed in the current epoch (data position)
     epoch_float: float = 0.0         # fractional progress, for logs
     examples: int = 0                # training examples seen
     best_metric: float | None = None
@@ -29,7 +30,14 @@ class TrainState:
     last_train_loss: float | None = None
     should_stop: bool = False
     stop_reason: str = ""
+    interrupted: bool = False        # stopped by SIGINT/SIGTERM: the caller saves and exits
+    skipped_nonfinite: list = field(default_factory=list)  # steps skipped for NaN/inf (on_nonfinite: skip)
+    last_checkpoint_step: int | None = None
     evals: list = field(default_factory=list)
+
+    # Fields a resumed run restores (the rest describe this process only).
+    RESUMED = ("step", "epoch", "micro", "epoch_float", "examples", "best_metric", "best_step",
+               "skipped_nonfinite", "evals")
 
 
 class Trainer:
@@ -42,7 +50,8 @@ class Trainer:
         self.metrics_factory = metrics_factory
         self.callbacks = list(callbacks)
         self.state = TrainState()
-        self.steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+        self.micro_per_epoch = len(train_loader.batch_sampler)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         # fp16 needs loss scaling; bf16 has fp32's exponent range and does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -73,6 +82,56 @@ class Trainer:
         self._loss_count = 0
         return value
 
+    def checkpoint_meta(self) -> dict:
+        """Everything besides tensors that an exact resume needs."""
+        s = self.state
+        return {
+            "step": s.step, "epoch": s.epoch_float,
+            "trainer": {k: getattr(s, k) for k in TrainState.RESUMED},
+            "pending_loss": [float(self._loss_sum), self._loss_count],
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")},
+        }
+
+    def restore(self, meta: dict) -> None:
+        for k, v in meta["trainer"].items():
+            setattr(self.state, k, v)
+        self._loss_sum.fill_(meta["pending_loss"][0])
+        self._loss_count = meta["pending_loss"][1]
+        states = meta["callbacks"]
+        for cb in self.callbacks:
+            if hasattr(cb, "load_state_dict") and type(cb).__name__ in states:
+                cb.load_state_dict(states[type(cb).__name__])
+        self.state.last_checkpoint_step = self.state.step
+
+    def eval_due(self) -> bool:
+        return bool(self.cfg.eval_every) and self.state.step % self.cfg.eval_every == 0
+
+    def save_resumable(self) -> None:
+        for cb in self.callbacks:
+            if hasattr(cb, "save") and hasattr(cb, "save_every"):
+                cb.save(self)
+
+    def nonfinite(self, step_indices: list, loss_finite: bool) -> bool:
+        """Handle a NaN/inf loss or gradient; True means skip this step."""
+        where = self.task_where(step_indices)
+        if self.cfg.on_nonfinite == "skip":
+            self.state.skipped_nonfinite.append({"step": self.state.step + 1, "records": where[:8]})
+            return True
+        from ..errors import TuneforgeError
+
+        what = "loss" if not loss_finite else "gradient norm"
+        last = self.state.last_checkpoint_step
+        raise TuneforgeError(
+            f"non-finite {what} at step {self.state.step + 1} (batch records: {', '.join(where[:8])}"
+            f"{' ...' if len(where) > 8 else ''}); lower train.lr, use train.precision: fp32, check those records, "
+            f"or set train.on_nonfinite: skip. "
+            + (f"The last good checkpoint is step {last}; resume with --resume." if last else "No step was saved."))
+
+    def task_where(self, step_indices: list) -> list[str]:
+        where = getattr(self.train_loader.dataset, "where", None) or [
+            getattr(r, "where", str(i)) for i, r in enumerate(getattr(self.train_loader.dataset, "records", []))]
+        return [where[int(i)] if where else str(int(i)) for idx in step_indices for i in idx]
+
     def track(self, iterable, total: int, description: str):
         """Wrapped by a progress callback when one is present."""
         for cb in self.callbacks:
@@ -86,46 +145,63 @@ class Trainer:
         eval_at_epoch_end = cfg.eval_every is None
         self.fire("on_fit_start")
         while s.step < self.total_steps and not s.should_stop:
-            sampler = getattr(self.train_loader, "batch_sampler", None)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(s.epoch)  # each epoch's order depends only on (seed, epoch)
+            sampler = self.train_loader.batch_sampler
+            # Each epoch's order depends only on (seed, epoch); a resumed run skips the
+            # micro-batches it already consumed, without loading them.
+            sampler.set_epoch(s.epoch, start=s.micro)
             self.strategy.set_train_mode(self.model)
             self.fire("on_epoch_start")
-            n_micro = len(self.train_loader)
-            for i, batch in enumerate(self.train_loader):
+            n_micro = self.micro_per_epoch
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
+            step_indices = []
+            for i, batch in enumerate(self.train_loader, start=s.micro):
                 batch = self.to_device(batch)
                 with self.autocast():
                     out = self.task.forward(self.model, batch)  # {"loss": (), "logits": (B, C)}
+                loss = out["loss"]
                 # Average over the accumulated micro-batches; the last group of an
                 # epoch may be shorter than grad_accum.
                 group = min(cfg.grad_accum, n_micro - (i // cfg.grad_accum) * cfg.grad_accum)
-                self.scaler.scale(out["loss"] / group).backward()
-                self._loss_sum += out["loss"].detach()
+                self.scaler.scale(loss / group).backward()
+                finite &= torch.isfinite(loss.detach())  # on-device; read once per step
+                step_indices.append(batch["index"].cpu())
+                self._loss_sum += loss.detach().float()
                 self._loss_count += 1
                 s.examples += len(batch["labels"])
+                s.micro = i + 1
                 if (i + 1) % cfg.grad_accum and i + 1 != n_micro:
                     continue  # still accumulating
+                grad_norm = None
                 if cfg.max_grad_norm:
                     self.scaler.unscale_(self.optimizer)
                     params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                # fp16's GradScaler skips inf steps itself; for bf16/fp32 we check here
+                # (one host sync per optimizer step, not per micro-batch).
+                ok = bool(finite) and (grad_norm is None or bool(torch.isfinite(grad_norm)) or self.scaler.is_enabled())
+                stepped = ok or not self.nonfinite(step_indices, bool(finite))
+                if stepped:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.scheduler.step()
+                    s.step += 1
                 self.optimizer.zero_grad(set_to_none=True)
-                s.step += 1
+                finite = torch.ones((), dtype=torch.bool, device=self.device)
+                step_indices = []
+                if not stepped:
+                    continue
                 s.epoch_float = s.epoch + (i + 1) / n_micro
                 self.fire("on_step_end")
-                if cfg.eval_every and s.step % cfg.eval_every == 0:
+                if self.eval_due():
                     self.run_eval()
                 if s.step >= self.total_steps or s.should_stop:
                     break
             else:
-                s.epoch += 1
-            if eval_at_epoch_end and not s.should_stop:
-                self.run_eval()
-            self.fire("on_epoch_end")
-        if s.evals and s.evals[-1]["step"] != s.step and not s.should_stop:
+                s.epoch, s.micro = s.epoch + 1, 0
+                if eval_at_epoch_end and not s.should_stop:
+                    self.run_eval()
+                self.fire("on_epoch_end")
+        if not s.interrupted and (not s.evals or s.evals[-1]["step"] != s.step):
             self.run_eval()  # always judge the final weights too
         self.fire("on_fit_end")
         return s

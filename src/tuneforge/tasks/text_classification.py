@@ -95,7 +95,10 @@ class TextClassification(ClassificationTask):
         sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed, lengths=dataset.lengths,
                                     group_by_length=self.recipe.train.group_by_length)
         workers = self.recipe.data.num_workers or 0
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=workers)
+        # A private generator: creating an iterator draws a worker seed from it, not from
+        # the global RNG, so a resumed run's dropout masks match an uninterrupted run's.
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=workers,
+                          generator=torch.Generator().manual_seed(seed))
 
     def settings(self) -> dict:
         return {"max_length": self.max_length, "pooling": self.recipe.task.pooling,

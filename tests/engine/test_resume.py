@@ -26,11 +26,12 @@ from tuneforge.errors import TuneforgeError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _recipe(tiny_bert_dir, train, out, strategy):
+def _recipe(tiny_bert_dir, train, out, strategy, precision="fp32"):
     # dropout stays on (BERT's hidden dropout and the head's), so the RNG state must resume too
     return text_recipe(tiny_bert_dir, train, out, strategy,
                        train={"epochs": 12, "batch_size": 4, "lr": 1e-3, "save_every": 1, "eval_every": 7,
-                              "deterministic": True, "log_every": 3, "keep_checkpoints": 3})
+                              "deterministic": True, "log_every": 3, "keep_checkpoints": 3,
+                              "precision": precision})
 
 
 def _final_weights(run: Path) -> dict:
@@ -45,14 +46,20 @@ def _events(run: Path) -> list[dict]:
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("strategy", ["full", "lora"])
-def test_sigkill_then_resume_is_bit_identical(strategy, tiny_bert_dir, tmp_path):
+# fp32 must be bit-identical. bf16 autocast is held to a stated tolerance: max |difference|
+# of any final weight <= BF16_TOLERANCE (CPU bf16 kernels are deterministic too, and on this
+# machine the bf16 runs also came out bit-identical; the tolerance covers other backends).
+BF16_TOLERANCE = 1e-3
+
+
+@pytest.mark.parametrize("strategy,precision", [("full", "fp32"), ("lora", "fp32"), ("full", "bf16")])
+def test_sigkill_then_resume_is_bit_identical(strategy, precision, tiny_bert_dir, tmp_path):
     train = write_text_csv(tmp_path / "train.csv", n=40)
-    reference = finetune(_recipe(tiny_bert_dir, train, tmp_path / "reference", strategy))
+    reference = finetune(_recipe(tiny_bert_dir, train, tmp_path / "reference", strategy, precision))
     total = int(reference.recipe.train.epochs) * 8  # 30 train rows / batch 4 -> 8 steps per epoch (last holds 2)
 
     recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(_recipe(tiny_bert_dir, train, tmp_path / "killed", strategy)))
+    recipe_path.write_text(yaml.safe_dump(_recipe(tiny_bert_dir, train, tmp_path / "killed", strategy, precision)))
     run = tmp_path / "killed"
     kill_after = random.Random().randint(3, total // 2)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -73,10 +80,15 @@ def test_sigkill_then_resume_is_bit_identical(strategy, tiny_bert_dir, tmp_path)
 
     ref, got = _final_weights(reference.path), _final_weights(run)
     assert ref.keys() == got.keys()
-    for name in ref:
-        for key, tensor in ref[name].items():
-            assert tensor.equal(got[name][key]), (name, key)
-    assert _events(run) == _events(reference.path)
+    worst = max((tensor.float() - got[name][key].float()).abs().max().item()
+                for name in ref for key, tensor in ref[name].items())
+    if precision == "fp32":
+        assert worst == 0.0
+        assert _events(run) == _events(reference.path)
+    else:
+        print(f"bf16 resume: max |weight difference| = {worst:.3g}")
+        assert worst <= BF16_TOLERANCE
+        return
     ref_eval = json.loads((reference.path / "eval.json").read_text())
     got_eval = json.loads((run / "eval.json").read_text())
     for split in ("validation",):

@@ -148,8 +148,15 @@ class Recipe(_Section):
 
         if isinstance(value, StrategyOptions):
             value = value.model_dump()
-        value = dict(value or {})
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            # ValueError, not TypeError: pydantic turns only ValueError into a validation error
+            raise ValueError(f"strategy must be a mapping such as {{name: lora, rank: 8}}, got {type(value).__name__}")
+        value = dict(value)
         name = value.setdefault("name", "full")
+        if not isinstance(name, str):
+            raise ValueError(f"strategy.name must be a strategy name (full, linear-probe, partial, lora), got {name!r}")
         return options_class(name).model_validate(value)
 
     @model_validator(mode="after")
@@ -238,14 +245,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise TuneforgeError(f"--set expects key.path=value, got '{text}' (e.g. --set train.lr=3e-5)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise TuneforgeError(f"--set '{text}' names no key before '='; write key.path=value (e.g. --set train.lr=3e-5)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML ("[", "a: b: c"): keep the text as typed; validation then names the key
     # YAML reads "3e-5" as a string (it wants a dot); users mean a number.
     if isinstance(value, str):
         try:
             value = float(value) if any(c in value for c in ".eE") else int(value)
         except ValueError:
             pass
-    return [p for p in key.strip().split(".") if p], value
+    return path, value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -283,6 +296,15 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
             raise TuneforgeError(f"recipe file '{path}' does not exist (see recipes/ for examples)")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            line = err.object[:err.start].count(b"\n") + 1
+            raise TuneforgeError(f"{path} line {line}: not valid UTF-8 (byte 0x{err.object[err.start]:02x}) "
+                                 "— re-save the recipe as UTF-8") from None
+        except RecursionError:
+            raise TuneforgeError(f"{path}: nested too deeply to be a recipe (a recipe is a few sections of "
+                                 "key: value pairs) — check the file's brackets and indentation") from None
+        except OSError as err:
+            raise TuneforgeError(f"cannot read recipe file {path} ({err.strerror or err}) — check its permissions") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""

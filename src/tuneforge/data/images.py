@@ -59,27 +59,51 @@ def read_image_records(
     encoding: str = "utf-8",
     on_bad_record: str = "error",
     skipped: list[str] | None = None,
+    id_column: str | None = None,
 ) -> list[Record]:
     """Records ``{"image": <absolute path str | bytes>, "label": <class>}`` from a class folder
     tree or from a CSV/TSV/JSONL/Parquet manifest.
 
     A folder must hold one sub-folder per class (the class name is the folder name);
     ``label_column=None`` reads an unlabelled folder (all images, any depth) or manifest.
-    Manifest image paths are resolved against the manifest's own directory. Parquet
-    manifests may embed the image bytes (Hugging Face's ``{"bytes", "path"}`` struct).
+    Manifest image paths are resolved against the manifest's own directory, and a relative
+    path may not lead out of it (``../../etc/passwd``, or a symlink that resolves elsewhere):
+    a manifest is data, often from someone else, and must not make us read arbitrary files.
+    Absolute paths are allowed -- writing one is an explicit choice. Parquet manifests may
+    embed the image bytes (Hugging Face's ``{"bytes", "path"}`` struct).
+    ``id_column``: a required column of unique ids (role "id"; manifests only).
     ``limit``, ``on_bad_record`` and ``skipped`` work as in :func:`read_records`.
     """
     path = Path(path)
+    hints = dict(hints or {})
     if path.is_dir():
+        if id_column is not None:
+            raise TuneforgeError(
+                f"{hints.get('id', 'data.id_column')} is set to '{id_column}', but {path} is an image folder, which "
+                "has no columns (each image is identified by its path) — remove "
+                f"{hints.get('id', 'data.id_column')}, or list the images in a CSV/JSONL manifest with an id column"
+            )
         return _read_folder(path.resolve(), labelled=label_column is not None, limit=limit)
     columns = {"image": image_column} if label_column is None else {"image": image_column, "label": label_column}
-    hints = dict(hints or {})
+    if id_column is not None:
+        columns["id"] = id_column
     sink = skipped if skipped is not None else []
     records = read_records(path, columns=columns, format=format, limit=limit, hints=hints,
-                           encoding=encoding, on_bad_record=on_bad_record, skipped=sink)
+                           encoding=encoding, on_bad_record=on_bad_record, skipped=sink,
+                           unique=("id",) if id_column is not None else ())
+    base = path.resolve().parent
     out = []
     for record in records:
-        image, problem = _resolve_image(record.values["image"], path.resolve().parent)
+        image, problem = _resolve_image(record.values["image"], base)
+        if problem is _ESCAPES:
+            # Never skippable: quietly dropping the line would hide that the manifest reaches
+            # outside its folder.
+            raise TuneforgeError(
+                f"{record.where}: image path {str(record.values['image'])[:200]!r} leads outside the manifest's "
+                f"folder {base} (to {image}); relative paths in a manifest must stay inside its folder — "
+                "use an absolute path if you mean that file, or move the manifest up to a folder that "
+                "contains the images"
+            )
         if problem is not None:
             if on_bad_record == "skip":
                 sink.append(f"{record.where}: {problem}")
@@ -94,16 +118,35 @@ def read_image_records(
     return out
 
 
+_ESCAPES = "leads outside the manifest's folder"  # sentinel problem: an error even with on_bad_record: skip
+
+
 def _resolve_image(value: object, base: Path) -> tuple[object, str | None]:
+    """(absolute path str | bytes, None) or (what was given, problem). ``base`` is resolved."""
     if isinstance(value, dict):  # Hugging Face datasets store images as {"bytes": ..., "path": ...}
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value), None
     if not isinstance(value, str):
         return value, f"expected an image file path, got {type(value).__name__} {value!r:.40}"
-    file = Path(value).expanduser()
-    file = (file if file.is_absolute() else base / file).resolve()
-    if not file.is_file():
+    if "\x00" in value:
+        return value, f"the image path {value!r:.80} contains a NUL character"
+    try:
+        file = Path(value).expanduser()  # "~/x.png" is as explicit as an absolute path
+    except RuntimeError:  # "~someone/x.png" for a user this machine does not know
+        return value, f"cannot expand '~' in the image path {value!r:.80} (no such user)"
+    explicit = file.is_absolute()
+    try:
+        file = (file if explicit else base / file).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        return value, f"cannot resolve the image path {value!r:.80} ({e})"
+    if not explicit and not file.is_relative_to(base):
+        return str(file), _ESCAPES
+    try:
+        found = file.is_file()
+    except OSError as e:  # pathlib ignores ENOENT/ENOTDIR but not ENAMETOOLONG, EACCES, ...
+        return value, f"cannot access the image path {value!r:.80} ({e.strerror or e})"
+    if not found:
         return value, f"image file not found: {value} (looked for {file})"
     return str(file), None
 
@@ -198,17 +241,23 @@ def load_image(source: str | Path | bytes, *, max_pixels: int | None = DEFAULT_M
                 # confusing error deep inside a transform (unless someone set
                 # ImageFile.LOAD_TRUNCATED_IMAGES, which hides it).
                 im.load()
+    except TuneforgeError:
+        raise
     except Image.DecompressionBombError as e:
         limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
         raise TuneforgeError(f"image {name} is too large ({e}; the limit is {limit:,} pixels, a guard against "
-                             f"decompression bombs) — downscale the file, or {_SKIP_FIX}") from None
+                             f"decompression bombs) — downscale the file, raise data.max_image_pixels if you "
+                             f"trust it, or {_SKIP_FIX}") from None
     except FileNotFoundError:
         raise TuneforgeError(f"image {name} not found — {_SKIP_FIX}") from None
     except UnidentifiedImageError:  # its own message embeds a file-object repr; say it plainly
         raise TuneforgeError(f"cannot read image {name}: not a recognised image format (or a corrupt header) — "
                              f"{_SKIP_FIX}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's plugins raise all four
-        raise TuneforgeError(f"cannot read image {name}: {e} (truncated, corrupt or not an image) "
+    except Exception as e:
+        # PIL's plugins raise OSError, SyntaxError, ValueError, EOFError -- and, on crafted or
+        # damaged headers, struct.error, IndexError, TypeError, ZeroDivisionError, MemoryError.
+        # Only decoding of this one file runs in the try block, so each of them means "bad file".
+        raise TuneforgeError(f"cannot read image {name}: {_short(e)} (truncated, corrupt or not an image) "
                              f"— {_SKIP_FIX}") from None
     try:
         im = ImageOps.exif_transpose(im)  # phones store portrait shots sideways + an EXIF rotation
@@ -216,9 +265,14 @@ def load_image(source: str | Path | bytes, *, max_pixels: int | None = DEFAULT_M
         pass
     try:
         return _to_rgb(im)
-    except (OSError, ValueError) as e:
-        raise TuneforgeError(f"cannot convert image {name} (mode {im.mode}) to RGB: {e} — "
+    except Exception as e:  # a mode PIL opens but cannot convert (or a malformed palette)
+        raise TuneforgeError(f"cannot convert image {name} (mode {im.mode}) to RGB: {_short(e)} — "
                              f"re-save it as an 8-bit RGB PNG or JPEG, or {_SKIP_FIX}") from None
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if not isinstance(err, OSError) or not text else text
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -22,6 +22,7 @@ import csv
 import gzip
 import json
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import IO
 from tuneforge.data.fingerprint import file_fingerprint  # re-exported: the manifest reads data via this module
 from tuneforge.errors import TuneforgeError, suggest
 
-__all__ = ["FORMATS", "Record", "file_fingerprint", "read_records", "resolve_format"]
+__all__ = ["FORMATS", "Record", "check_unique", "file_fingerprint", "read_records", "resolve_format"]
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
 _EXTENSIONS = {
@@ -78,8 +79,11 @@ def resolve_format(path: str | Path, format: str = "auto") -> str:
             f"or set data.format to one of: {', '.join(FORMATS)}"
         )
     if kind == "txt":
-        with _open_text(path, "utf-8-sig", errors="replace") as f:
-            kind = "tsv" if "\t" in f.readline() else "csv"
+        try:
+            with _open_text(path, "utf-8-sig", errors="replace") as f:
+                kind = "tsv" if "\t" in f.readline() else "csv"
+        except (OSError, EOFError, zlib.error) as e:
+            raise _gzip_error(path, e) from None
     return kind
 
 
@@ -94,6 +98,7 @@ def read_records(
     encoding: str = "utf-8",
     on_bad_record: str = "error",
     skipped: list[str] | None = None,
+    unique: tuple[str, ...] = (),
 ) -> list[Record]:
     """Read ``path`` into records keyed by role.
 
@@ -108,6 +113,9 @@ def read_records(
     on_bad_record: "error" (default) or "skip". With "skip", malformed lines and rows
               with an empty required value are dropped and "<where>: <reason>" is appended
               to ``skipped`` (pass a list to see them).
+    unique:   roles whose values must not repeat (e.g. ``("id",)``); a repeat is an error
+              naming both lines, whatever ``on_bad_record`` says: dropping one of two rows
+              that claim the same id would pick a winner silently.
 
     CSV/TSV cells come back as ``str`` exactly as written ("01" stays "01"); JSON and
     Parquet values keep their types (int labels, lists for multi-label).
@@ -123,10 +131,14 @@ def read_records(
         )
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be None or >= 0, got {limit}")
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "not found"
+    try:
+        missing = not path.is_file()
+        what = "is a directory, not a file" if missing and path.is_dir() else "not found"
+    except (OSError, ValueError) as e:  # a name too long, no permission on a parent, a NUL in the path
+        missing, what = True, f"cannot be accessed ({getattr(e, 'strerror', None) or e})"
+    if missing:
         raise TuneforgeError(
-            f"data file {path} {what} (resolved to {path.resolve()}) — fix "
+            f"data file {path} {what} (resolved to {_resolved(path)}) — fix "
             f"{hints.get('path', 'the data path in the recipe')}"
         )
     kind = resolve_format(path, format)
@@ -167,7 +179,30 @@ def read_records(
         shown = "; ".join(sink[-min(3, n_skipped):])
         raise TuneforgeError(f"every row of {rows.name} was skipped as bad ({n_skipped} rows, e.g. {shown}) — "
                              f"check the column mapping ({', '.join(f'{r}={c}' for r, c in columns.items())})")
+    for role in unique:
+        check_unique(records, role, (columns | optional).get(role, role), hints.get(role, f"the '{role}' column"))
     return records
+
+
+def check_unique(records: list[Record], role: str, column: str, hint: str) -> None:
+    """Raise on the first value of ``role`` seen twice, naming both places."""
+    first: dict[str, str] = {}
+    for record in records:
+        if role not in record.values:
+            continue
+        key = str(record.values[role])  # CSV ids are strings, JSON ones may be numbers: 1 and "1" collide
+        if key in first:
+            earlier = first[key]
+            name = earlier.rsplit(" ", 2)[0] if earlier.count(" ") >= 2 else ""
+            if name and record.where.startswith(name + " "):
+                earlier = earlier[len(name) + 1:]  # same file: "line 3", not "train.csv line 3"
+            shown = key if len(key) <= 60 else key[:57] + "..."
+            raise TuneforgeError(
+                f"{record.where} repeats {role} '{shown}' first seen on {earlier} — {role}s in {hint} "
+                f"(column '{column}') must be unique: fix or remove the duplicate row, or point {hint} at a "
+                "column of unique values"
+            )
+        first[key] = record.where
 
 
 # ---------------------------------------------------------------- row sources
@@ -175,6 +210,13 @@ def read_records(
 # the column names (CSV header, first JSON object's keys, Parquet schema) before its first
 # row. A row-level problem (bad JSON, wrong field count) becomes a skippable bad record; a
 # file-level one raises TuneforgeError directly.
+
+
+def _resolved(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, ValueError, RuntimeError):
+        return str(path.absolute())
 
 
 def _pick(row: dict, columns: dict[str, str], optional: dict[str, str]) -> tuple[dict, str | None]:
@@ -211,7 +253,11 @@ def _role(role: str, column: str) -> str:
 
 def _text_encoding(encoding: str, path: Path, hints: dict[str, str]) -> str:
     try:
-        name = codecs.lookup(encoding).name
+        info = codecs.lookup(encoding)
+        # rot13, base64, zlib, ... are codecs too, but not text encodings: open() rejects them.
+        if not getattr(info, "_is_text_encoding", True):
+            raise LookupError(encoding)
+        name = info.name
     except LookupError:
         raise TuneforgeError(
             f"unknown text encoding '{encoding}' for {path.name} — set "
@@ -233,18 +279,34 @@ def _decode_error(path: Path, encoding: str, hints: dict[str, str]) -> Tuneforge
     """Find the first line that does not decode; the streaming decoder only knows a chunk offset."""
     opener = gzip.open if path.suffix.lower() == ".gz" else open
     shown = "UTF-8" if encoding.startswith("utf-8") else encoding
-    with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                raw.decode(encoding)
-            except UnicodeDecodeError as e:
-                return TuneforgeError(
-                    f"{path.name} line {line_no}: not valid {shown} "
-                    f"(byte 0x{raw[e.start]:02x} at column {e.start + 1}) "
-                    f"— re-save the file as UTF-8 (or set {hints.get('encoding', 'data.encoding')}, e.g. latin-1)"
-                )
+    # Line by line is exact for ASCII-compatible encodings (UTF-8, latin-1, cp125x, Shift-JIS,
+    # GBK: none uses the byte 0x0a inside a character); for UTF-16/32 a b"\n" split is
+    # meaningless, so those get the file-level message.
+    if not codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
+        try:
+            with opener(path, "rb") as f:
+                for line_no, raw in enumerate(f, start=1):
+                    try:
+                        raw.decode(encoding)
+                    except UnicodeDecodeError as e:
+                        byte = f"byte 0x{raw[e.start]:02x} " if e.start < len(raw) else ""
+                        return TuneforgeError(
+                            f"{path.name} line {line_no}: not valid {shown} "
+                            f"({byte}at column {e.start + 1}) "
+                            f"— re-save the file as UTF-8 (or set {hints.get('encoding', 'data.encoding')}, e.g. latin-1)"
+                        )
+        except (OSError, EOFError, zlib.error):
+            pass  # a broken .gz: the caller's decode error is the better report
     return TuneforgeError(f"{path.name} is not valid {shown} — re-save the file as UTF-8 "
                           f"(or set {hints.get('encoding', 'data.encoding')}, e.g. latin-1)")
+
+
+def _gzip_error(path: Path, err: BaseException) -> TuneforgeError:
+    if path.suffix.lower() != ".gz":
+        return TuneforgeError(f"cannot read {path.name} ({type(err).__name__}: {err}) — check that the file is "
+                              "readable and complete")
+    return TuneforgeError(f"cannot read {path.name} ({type(err).__name__}: {err}); a .gz file must be a complete "
+                          "gzip stream — re-compress it (gzip FILE) or give the uncompressed file")
 
 
 class _DelimitedReader:
@@ -266,8 +328,10 @@ class _DelimitedReader:
             with _open_text(self.path, self.encoding) as f:
                 reader = csv.reader(f, **dialect)
                 yield from self._rows(reader)
-        except UnicodeDecodeError:
+        except UnicodeError:  # UnicodeDecodeError, or UTF-16's "stream does not start with BOM"
             raise _decode_error(self.path, self.encoding, self.hints) from None
+        except (OSError, EOFError, zlib.error) as e:  # only .gz reading raises these mid-file
+            raise _gzip_error(self.path, e) from None
 
     def _rows(self, reader: Iterator[list[str]]) -> Iterator[tuple[str, dict | None, str | None]]:
         last_line = 0
@@ -319,8 +383,10 @@ class _JsonReader:
                     yield from self._array(f)
                 else:
                     yield from self._lines(f)
-        except UnicodeDecodeError:
+        except UnicodeError:
             raise _decode_error(self.path, self.encoding, self.hints) from None
+        except (OSError, EOFError, zlib.error) as e:
+            raise _gzip_error(self.path, e) from None
 
     def _row(self, where: str, obj: object) -> tuple[str, dict | None, str | None]:
         if not isinstance(obj, dict):
@@ -338,6 +404,10 @@ class _JsonReader:
             except json.JSONDecodeError as e:
                 yield where, None, f"invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
                 continue
+            except (ValueError, RecursionError) as e:  # a 5000-digit number; nesting deeper than Python's stack
+                reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+                yield where, None, f"invalid JSON ({reason}); each line must be one JSON object"
+                continue
             yield self._row(where, obj)
 
     def _array(self, f: IO[str]) -> Iterator[tuple[str, dict | None, str | None]]:
@@ -346,6 +416,10 @@ class _JsonReader:
         except json.JSONDecodeError as e:
             raise TuneforgeError(f"{self.name} line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}) — "
                                  "fix the file (or write it as JSON lines: one object per line)") from None
+        except (ValueError, RecursionError) as e:
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise TuneforgeError(f"{self.name}: invalid JSON ({reason}) — fix the file "
+                                 "(or write it as JSON lines: one object per line)") from None
         for i, obj in enumerate(items, start=1):
             yield self._row(f"{self.name} item {i}", obj)
 
@@ -370,8 +444,18 @@ class _ParquetReader:
         self.seen = list(pf.schema_arrow.names)
         row_no = 0
         # Stream record batches so `limit` reads only the first few thousand rows of a big file.
-        for batch in pf.iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
+        batches = pf.iter_batches(batch_size=4096)
+        while True:
+            try:
+                batch = next(batches, None)
+                rows = batch.to_pylist() if batch is not None else []
+            except Exception as e:  # a damaged page surfaces only when it is decoded
+                raise TuneforgeError(f"{self.name}: cannot decode the Parquet data after row {row_no} "
+                                     f"({type(e).__name__}: {str(e)[:200]}) — the file is damaged or "
+                                     "truncated; re-export it") from None
+            if batch is None:
+                return
+            for row in rows:
                 row_no += 1
                 yield f"{self.name} row {row_no}", row, None
 

@@ -77,7 +77,7 @@ def load_hf(
         raise TuneforgeError(
             f"{path} has no weight files (*.safetensors or pytorch_model.bin); it has: {_listing(path)}. "
             "Copy the weights next to config.json (model.save_pretrained(DIR, safe_serialization=True)), "
-            "or set model.pretrained: false to start from random weights"
+            "or set model.name to the directory that holds them"
         )
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -221,8 +221,7 @@ def load_timm(
             if weights is None:
                 raise TuneforgeError(
                     f"'{arch}' is a timm architecture but no weights were given and tuneforge never downloads: "
-                    "set model.weights to a local .safetensors/.pth file of this architecture, "
-                    "or model.pretrained: false to train from random init"
+                    "set model.weights to a local .safetensors/.pth file of this architecture"
                 )
             state_dict = read_state_dict(weights)
         if key_map is not None:

@@ -59,8 +59,7 @@ class LabelMap:
             shown = ", ".join(self.names[:20]) + (" ..." if len(self.names) > 20 else "")
             raise TuneforgeError(
                 f"{where}: label '{value}' does not occur in the training data (training labels: {shown}); "
-                "fix the label, add examples of it to the training data, or drop the row "
-                "(data.on_bad_record: skip)"
+                "fix the label, add examples of it to the training data, or delete that row"
             ) from None
 
     def name(self, index: int) -> Any:
@@ -148,9 +147,10 @@ class ClassificationTask:
         labels = LabelMap.from_values(values, multi_label=self.multi_label)
         if len(labels) < 2 and not self.multi_label:
             only = labels.names[0] if labels.names else "none"
+            where = f", e.g. {train_records[0].where}" if train_records else ""
             raise TuneforgeError(
-                f"the training data has a single class ('{only}'); a classifier needs at least two — "
-                "check data.label_column and that the file holds every class"
+                f"the training data has a single class ('{only}' in all {len(train_records)} rows{where}); "
+                "a classifier needs at least two — check data.label_column and that the file holds every class"
             )
         return labels
 

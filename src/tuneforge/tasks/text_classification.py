@@ -36,6 +36,7 @@ class TextClassification(ClassificationTask):
         super().__init__(recipe)
         self.tokenizer = None
         self.max_length = recipe.task.max_length
+        self.model_max_length: int | None = None  # set by attach(): the model's own limit
         self.truncated = {}
 
     def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
@@ -44,10 +45,14 @@ class TextClassification(ClassificationTask):
         data = self.recipe.data
         text_col, label_col = data.column(split, "text"), data.column(split, "label")
         scope = f"data.columns.{split}" if split != "train" else "data"
+        columns = {"text": text_col, "label": label_col}
+        if data.id_column:
+            columns["id"] = data.id_column  # required once set: a row without an id is a bad row
         return read_records(
-            path, columns={"text": text_col, "label": label_col}, format=data.format, limit=limit,
+            path, columns=columns, format=data.format, limit=limit,
             encoding=data.encoding, on_bad_record=data.on_bad_record, skipped=skipped,
-            hints={"text": f"{scope}.text_column", "label": f"{scope}.label_column"},
+            hints={"text": f"{scope}.text_column", "label": f"{scope}.label_column", "id": "data.id_column"},
+            unique=("id",) if data.id_column else (),
         )
 
     def attach(self, loaded) -> None:
@@ -56,6 +61,7 @@ class TextClassification(ClassificationTask):
             raise TuneforgeError(f"model '{loaded.info.source}' has no tokenizer; text tasks need a Hugging Face text model")
         self.tokenizer = loaded.tokenizer
         limit = loaded.info.preprocessing.get("max_length", 512)
+        self.model_max_length = limit
         self.max_length = min(self.max_length or limit, limit)
 
     def dataset(self, records: list, labels: LabelMap, split: str) -> TokenisedDataset:
@@ -66,6 +72,8 @@ class TextClassification(ClassificationTask):
         kwargs = dict(return_attention_mask=False, return_token_type_ids=False, verbose=False)
         encoded = self.tokenizer(texts, truncation=False, **kwargs)["input_ids"] if texts else []
         long = [i for i, ids in enumerate(encoded) if len(ids) > self.max_length]
+        if long and self.recipe.task.truncation == "error":
+            raise self._too_long(records, encoded, long, split)
         if long:
             cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=self.max_length, **kwargs)
             for i, ids in zip(long, cut["input_ids"]):
@@ -73,6 +81,18 @@ class TextClassification(ClassificationTask):
         self.truncated[split] = len(long)
         targets = [self.encode_label(r, labels) for r in records]
         return TokenisedDataset(encoded, targets, [r.where for r in records])
+
+    def _too_long(self, records: list, encoded: list, long: list[int], split: str) -> TuneforgeError:
+        shown = "; ".join(f"{records[i].where} ({len(encoded[i])} tokens)" for i in long[:5])
+        more = f"; and {len(long) - 5} more" if len(long) > 5 else ""
+        limit = self.model_max_length or self.max_length
+        raise_it = (f"raise task.max_length (this model takes up to {limit})" if self.max_length < limit
+                    else f"this model takes at most {limit} tokens, so shorten those texts")
+        return TuneforgeError(
+            f"{len(long)} {split} text(s) are longer than task.max_length = {self.max_length} tokens (special "
+            f"tokens included) and task.truncation is 'error': {shown}{more} — {raise_it}, or set "
+            "task.truncation: truncate to cut them (the count is reported in the manifest)"
+        )
 
     def collate(self, items: list[dict]) -> dict:
         pad = self.tokenizer.pad_token_id or 0

@@ -17,6 +17,7 @@ def evaluate_run(run_dir, data: str, *, text_column: str | None = None, label_co
     if not Path(data).exists():
         raise TuneforgeError(f"--data path '{data}' does not exist")
     model, task, labels, meta = load_model_dir(Path(run_dir))
+    task.recipe.data.id_column = None  # a new evaluation file need not carry the training ids
     if text_column:
         task.recipe.data.text_column = text_column
     if label_column:

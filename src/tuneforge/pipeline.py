@@ -161,7 +161,11 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
     log(f"data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f" examples; {len(labels)} labels")
     fingerprints = {s: file_fingerprint(getattr(recipe.data, s)) for s in rows}
 
-    # 2. the run directory: a new one, or the run being resumed
+    # 2. the model, also before anything is written: a wrong weights path or model
+    # directory costs nothing and leaves no half-made run behind
+    model, loaded, strategy = _build_model(recipe, task, labels, device, init_from, log)
+
+    # 3. the run directory: a new one, or the run being resumed
     checkpoint = None
     if resume:
         run = RunDir(find_run_to_resume(resume, recipe, origin))
@@ -190,7 +194,6 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
     # run directory never looks complete (or silently "running") when it is not.
     trainer = None
     try:
-        model, loaded, strategy = _build_model(recipe, task, labels, device, init_from, log)
         trainer, loaders, prep_s = _build_trainer(recipe, task, splits, labels, model, strategy, run, device,
                                                   amp_dtype, console, log)
         if checkpoint is not None:

@@ -205,3 +205,32 @@ def test_recover_after_kill_between_renames(tmp_path):
     recover(ckpts, ckpts / "step-00000006", report=notes.append)
     assert sorted(p.name for p in ckpts.iterdir()) == ["best", "step-00000004", "step-00000006"]
     assert verify_checkpoint(ckpts / "best") is None and len(notes) == 2
+
+
+def test_image_run_with_augmentation_resumes_exactly(tiny_timm_weights, tmp_path):
+    """Random crops and flips are seeded per (seed, epoch, index): a resumed run with a
+    loader worker sees the same images as an uninterrupted one."""
+    import shutil
+
+    from helpers import image_recipe, write_image_folder
+
+    train = write_image_folder(tmp_path / "images", n_per_class=10)
+    recipe = image_recipe(tiny_timm_weights, train, tmp_path / "reference", "full",
+                          data={"augment": True, "hflip": 0.5, "num_workers": 1},
+                          train={"epochs": 3, "save_every": 1, "deterministic": True, "keep_checkpoints": 50})
+    reference = finetune(recipe)
+    recipe["output"]["dir"] = str(tmp_path / "crashed")
+    crashed = finetune(recipe).path
+    # Simulate a crash after step 5: later checkpoints and the outputs never happened.
+    for path in (crashed / "checkpoints").glob("step-*"):
+        if path.name > "step-00000005":
+            shutil.rmtree(path)
+    shutil.rmtree(crashed / "model")
+    (crashed / "eval.json").unlink()
+    assert newest_valid(crashed / "checkpoints").name == "step-00000005"
+    finetune(recipe, resume=str(crashed))
+    ref, got = _final_weights(reference.path), _final_weights(crashed)
+    for name in ref:
+        for key, tensor in ref[name].items():
+            assert tensor.equal(got[name][key]), (name, key)
+    assert _events(crashed) == _events(reference.path)

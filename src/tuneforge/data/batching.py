@@ -17,11 +17,13 @@ from torch.utils.data import Sampler
 
 class EpochBatchSampler(Sampler[list[int]]):
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 lengths: list[int] | None = None, group_by_length: bool = False, megabatch: int = 50):
+                 lengths: list[int] | None = None, group_by_length: bool = False, megabatch: int = 50,
+                 keyed: bool = False):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.lengths = lengths
         self.group = group_by_length and lengths is not None and shuffle
         self.megabatch = megabatch
+        self.keyed = keyed  # yield (epoch, index) keys, for per-item seeded augmentation
         self.epoch = 0
         self.start = 0
 
@@ -35,7 +37,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         return n - 1 if folded else n
 
     def __iter__(self):
-        yield from self.batches()[self.start:]
+        for batch in self.batches()[self.start:]:
+            yield [(self.epoch, i) for i in batch] if self.keyed else batch
 
     def batches(self) -> list[list[int]]:
         if not self.shuffle:

@@ -30,12 +30,14 @@ class ImageClassification(ClassificationTask):
         scope = f"data.columns.{split}" if split != "train" else "data"
         records = read_image_records(
             path, image_column=data.column(split, "image"), label_column=data.column(split, "label"), limit=limit,
-            hints={"image": f"{scope}.image_column", "label": f"{scope}.label_column"}, format=data.format,
-            encoding=data.encoding, on_bad_record=data.on_bad_record, skipped=skipped,
+            hints={"image": f"{scope}.image_column", "label": f"{scope}.label_column", "id": "data.id_column"},
+            format=data.format, encoding=data.encoding, on_bad_record=data.on_bad_record, skipped=skipped,
+            id_column=data.id_column,
         )
         # Decode every image once, now: a corrupt file found hours into training
         # would cost the whole run (and in a loader worker its error is buried).
-        return filter_readable_images(records, on_bad_record=data.on_bad_record, skipped=skipped)
+        return filter_readable_images(records, on_bad_record=data.on_bad_record, skipped=skipped,
+                                      max_pixels=data.max_image_pixels)
 
     def attach(self, loaded) -> None:
         self.preprocessing = dict(loaded.info.preprocessing)
@@ -55,17 +57,20 @@ class ImageClassification(ClassificationTask):
 
         # Every label checked now, before any training; raw values (str or int) -> ids.
         label_to_id = {r.values["label"]: self.encode_label(r, labels) for r in records}
-        return ImageDataset(records, label_to_id, self.transform(train=split == "train"))
+        return ImageDataset(records, label_to_id, self.transform(train=split == "train"),
+                            max_pixels=self.recipe.data.max_image_pixels)
 
     def loader(self, dataset, batch_size: int, *, train: bool, seed: int) -> DataLoader:
-        sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed)
+        sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed, keyed=train)
+        if train:
+            dataset = SeededItems(dataset, seed)
         workers = self.recipe.data.num_workers
         if workers is None:
             # One decoding worker overlaps JPEG/PNG decoding with compute; more would
             # steal cores from the matmuls on small machines.
             workers = 1 if (os.cpu_count() or 1) >= 2 else 0
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                          persistent_workers=workers > 0, collate_fn=_collate)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                          collate_fn=_collate, generator=torch.Generator().manual_seed(seed))
 
     def settings(self) -> dict:
         return {"preprocessing": self.preprocessing}
@@ -75,8 +80,41 @@ class ImageClassification(ClassificationTask):
         from ..data.images import load_image
 
         tf = self.transform(train=False)
-        pixels = [tf(load_image(im) if isinstance(im, (str, os.PathLike)) else im.convert("RGB")) for im in images]
+        limit = self.recipe.data.max_image_pixels
+        pixels = [tf(load_image(im, max_pixels=limit) if isinstance(im, (str, os.PathLike)) else im.convert("RGB"))
+                  for im in images]
         return {"pixel_values": torch.stack(pixels)}
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Random augmentation seeded per item from (seed, epoch, index).
+
+    A crop and flip then depend only on which example in which epoch, not on the
+    worker that loads it or on where an iterator started, so a resumed run sees
+    exactly the images an uninterrupted run saw. The RNGs are forked, so the
+    caller's (dropout) streams are untouched when loading runs in-process.
+    """
+
+    def __init__(self, inner, seed: int):
+        self.inner, self.seed = inner, seed
+        self.where = [r.where for r in getattr(inner, "records", [])]
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key):
+        import random
+
+        epoch, index = key
+        item_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed)
+                random.seed(item_seed)
+                return self.inner[index]
+        finally:
+            random.setstate(state)
 
 
 def _collate(items: list[dict]) -> dict:

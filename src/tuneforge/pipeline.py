@@ -215,9 +215,17 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
         if state.stop_reason:
             log(state.stop_reason)
         final = _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run)
-        timings = {"preprocess_s": round(prep_s, 2), "train_s": round(train_s, 2),
+        from .engine.throughput import peak_memory
+
+        eval_s = sum(e.get("eval_seconds", 0.0) for e in state.evals)
+        timings = {"preprocess_s": round(prep_s, 2), "train_s": round(train_s, 2), "eval_in_train_s": round(eval_s, 2),
                    "total_s": round(time.perf_counter() - t_start, 2),
-                   "train_samples_per_s": round(state.examples / max(train_s, 1e-9), 2)}
+                   # throughput over training time without the evaluations inside it
+                   **trainer.speed(train_s - eval_s, state.examples, state.tokens, state.positions),
+                   **peak_memory(device), "matmul_peak_flops": trainer.peak_flops,
+                   "train_flops_per_" + ("token" if state.positions else "example"): trainer.flops_per_unit}
+        log("speed: " + ", ".join(f"{k} {v}" for k, v in timings.items() if k in (
+            "samples_per_s", "tokens_per_s", "padding_fraction", "mfu", "peak_rss_mb")))
         run.update_manifest(status="completed", steps=state.step, best_step=final["best_step"], timings=timings,
                             task_settings=task.settings(), model_info=_info_json(loaded.info),
                             skipped_nonfinite=state.skipped_nonfinite)

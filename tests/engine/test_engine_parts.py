@@ -89,3 +89,23 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_bert_dir, tmp_path):
         heads.append(load_file(str(run.path / "model" / "head.safetensors")))
     for k in heads[0]:
         torch.testing.assert_close(heads[0][k], heads[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_speed_figures_are_measured(tiny_bert_dir, tmp_path):
+    import json
+
+    from helpers import text_recipe, write_text_csv
+    from tuneforge import finetune
+
+    train = write_text_csv(tmp_path / "train.csv", n=40)
+    flops = {}
+    for name in ("full", "linear-probe"):
+        run = finetune(text_recipe(tiny_bert_dir, train, tmp_path / name, name, train={"log_every": 2}))
+        timings = json.loads((run.path / "manifest.json").read_text())["timings"]
+        assert timings["tokens_per_s"] > 0 and 0 <= timings["padding_fraction"] < 1
+        assert 0 < timings["mfu"] < 1 and timings["peak_rss_mb"] > 100
+        events = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+        assert all("tokens_per_s" in e and "mfu" in e for e in events if e["event"] == "train")
+        flops[name] = timings["train_flops_per_token"]
+    # counted, not estimated: a frozen backbone does no backward work, so far fewer FLOPs
+    assert flops["linear-probe"] < 0.6 * flops["full"]

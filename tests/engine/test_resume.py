@@ -41,7 +41,7 @@ def _final_weights(run: Path) -> dict:
 
 
 def _events(run: Path) -> list[dict]:
-    drop = {"samples_per_s", "elapsed_s", "eval_seconds"}
+    drop = {"samples_per_s", "elapsed_s", "eval_seconds", "tokens_per_s", "padding_fraction", "mfu", "peak_rss_mb"}
     return [{k: v for k, v in json.loads(line).items() if k not in drop}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 

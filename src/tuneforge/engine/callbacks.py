@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import TuneforgeError
 from .checkpoint import save_checkpoint
+from .throughput import peak_memory
 
 
 class Callback:
@@ -32,8 +33,13 @@ class MetricsLog(Callback):
     def __init__(self, path: Path, log_every: int):
         self.path, self.log_every = Path(path), log_every
         self.t0 = self.last_t = time.perf_counter()
-        self.last_examples = 0
+        self.last = (0, 0, 0)  # examples, tokens, positions at the previous log line
         self.lines = 0
+
+    def on_fit_start(self, trainer) -> None:
+        s = trainer.state
+        self.t0 = self.last_t = time.perf_counter()
+        self.last = (s.examples, s.tokens, s.positions)  # a resumed run measures from where it resumed
 
     def write(self, event: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -55,12 +61,13 @@ class MetricsLog(Callback):
         if s.step % self.log_every and s.step != trainer.total_steps:
             return
         now = time.perf_counter()
-        rate = (s.examples - self.last_examples) / max(now - self.last_t, 1e-9)
-        self.last_t, self.last_examples = now, s.examples
-        loss = trainer.pop_train_loss()  # the only host sync of the step, every log_every steps
-        s.last_train_loss = loss
+        last = self.last
+        speed = trainer.speed(now - self.last_t, s.examples - last[0], s.tokens - last[1], s.positions - last[2])
+        self.last_t, self.last = now, (s.examples, s.tokens, s.positions)
+        loss = trainer.pop_train_loss()  # the host sync for the loss, every log_every steps
+        s.last_train_loss, s.last_speed = loss, speed
         self.write({"event": "train", "step": s.step, "epoch": round(s.epoch_float, 4), "loss": loss,
-                    "lr": trainer.current_lrs(), "samples_per_s": round(rate, 2),
+                    "lr": trainer.current_lrs(), **speed, **peak_memory(trainer.device),
                     "elapsed_s": round(now - self.t0, 2)})
 
     def on_eval_end(self, trainer, metrics: dict) -> None:

@@ -32,8 +32,12 @@ class RichProgress(Callback):
         info = None
         if s.last_train_loss is not None and (s.step % trainer.cfg.log_every == 0):
             lr = max(trainer.current_lrs().values())
-            rate = (s.examples - self.seen0) / max(time.perf_counter() - self.t0, 1e-9)
-            info = f"loss {s.last_train_loss:.4f}  lr {lr:.2e}  {rate:.1f} samples/s"
+            sp = getattr(s, "last_speed", {}) or {}
+            info = f"loss {s.last_train_loss:.4f}  lr {lr:.2e}  {sp.get('samples_per_s', 0):.1f} samples/s"
+            if "tokens_per_s" in sp:
+                info += f"  {sp['tokens_per_s']:.0f} tok/s"
+            if "mfu" in sp:
+                info += f"  MFU {100 * sp['mfu']:.1f}%"
         self.progress.update(self.task_id, advance=1, **({"info": info} if info else {}))
 
     def on_eval_end(self, trainer, metrics: dict) -> None:

@@ -24,10 +24,13 @@ class TrainState:
     micro: int = 0                   # micro-batches consumed in the current epoch (data position)
     epoch_float: float = 0.0         # fractional progress, for logs
     examples: int = 0                # training examples seen
+    tokens: int = 0                  # real (non-padding) tokens seen, text only
+    positions: int = 0               # token positions computed, padding included
     best_metric: float | None = None
     best_step: int | None = None
     last_improved: bool = False
     last_train_loss: float | None = None
+    last_speed: dict = field(default_factory=dict)
     should_stop: bool = False
     stop_reason: str = ""
     interrupted: bool = False        # stopped by SIGINT/SIGTERM: the caller saves and exits
@@ -36,7 +39,7 @@ class TrainState:
     evals: list = field(default_factory=list)
 
     # Fields a resumed run restores (the rest describe this process only).
-    RESUMED = ("step", "epoch", "micro", "epoch_float", "examples", "best_metric", "best_step",
+    RESUMED = ("step", "epoch", "micro", "epoch_float", "examples", "tokens", "positions", "best_metric", "best_step",
                "skipped_nonfinite", "evals")
 
 
@@ -57,6 +60,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self._loss_sum = torch.zeros((), device=device)  # summed on-device: no per-step host sync
         self._loss_count = 0
+        self.flops_per_unit: float | None = None
+        self.peak_flops: float | None = None
 
     # -- helpers ---------------------------------------------------------------------------
     def fire(self, event: str, *args) -> None:
@@ -103,6 +108,31 @@ class Trainer:
                 cb.load_state_dict(states[type(cb).__name__])
         self.state.last_checkpoint_step = self.state.step
 
+    def measure_flops(self) -> None:
+        """FLOPs per real token (text) or per example (images), counted on one real batch,
+        and the machine's matmul peak in this precision: the two halves of MFU."""
+        from .throughput import count_train_flops, measure_matmul_peak
+
+        try:
+            batch = next(iter(self.train_loader))
+            units = int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
+            self.flops_per_unit = count_train_flops(self.model, self.task, self.to_device(batch), self.autocast) / units
+            self.peak_flops = measure_matmul_peak(self.device, self.amp_dtype or torch.float32)
+        except Exception:  # a figure we cannot measure is left out, never guessed
+            self.flops_per_unit = self.peak_flops = None
+
+    def speed(self, seconds: float, examples: int, tokens: int, positions: int) -> dict:
+        """Throughput figures over an interval (also used for the whole run)."""
+        out = {"samples_per_s": round(examples / max(seconds, 1e-9), 2)}
+        units = examples
+        if positions:
+            out["tokens_per_s"] = round(tokens / max(seconds, 1e-9), 1)
+            out["padding_fraction"] = round(1 - tokens / positions, 4)
+            units = tokens
+        if self.flops_per_unit and self.peak_flops:
+            out["mfu"] = round(self.flops_per_unit * units / max(seconds, 1e-9) / self.peak_flops, 4)
+        return out
+
     def eval_due(self) -> bool:
         return bool(self.cfg.eval_every) and self.state.step % self.cfg.eval_every == 0
 
@@ -143,6 +173,7 @@ class Trainer:
     def fit(self) -> TrainState:
         s, cfg = self.state, self.cfg
         eval_at_epoch_end = cfg.eval_every is None
+        self.measure_flops()
         self.fire("on_fit_start")
         while s.step < self.total_steps and not s.should_stop:
             sampler = self.train_loader.batch_sampler
@@ -155,6 +186,9 @@ class Trainer:
             finite = torch.ones((), dtype=torch.bool, device=self.device)
             step_indices = []
             for i, batch in enumerate(self.train_loader, start=s.micro):
+                if "attention_mask" in batch:  # counted on the host copy: no device sync
+                    s.tokens += int(batch["attention_mask"].sum())
+                    s.positions += batch["attention_mask"].numel()
                 batch = self.to_device(batch)
                 with self.autocast():
                     out = self.task.forward(self.model, batch)  # {"loss": (), "logits": (B, C)}

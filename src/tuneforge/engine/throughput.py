@@ -1,0 +1,85 @@
+"""Honest speed figures: throughput, padding, peak memory and model-FLOPs utilisation.
+
+FLOPs are *counted*, not estimated from a formula: one forward+backward of a
+real batch runs under ``torch.utils.flop_counter.FlopCounterMode``, so frozen
+layers (no weight gradients), LoRA (small extra matmuls) and attention count
+exactly the work done. MFU divides the achieved FLOP/s by the peak matmul
+FLOP/s measured on the same machine in the same precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def peak_memory(device: torch.device) -> dict:
+    out = {"peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul: the yardstick for MFU. Cached per machine/dtype/threads."""
+    key = f"{device.type}-{dtype}-{torch.get_num_threads()}-{n}"
+    if device.type == "cuda":
+        key += "-" + torch.cuda.get_device_name(device).replace(" ", "_")
+    cache = Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge")) / "matmul_peak.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    flops = 2 * n**3 / best
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({**known, key: flops}))
+    except OSError:
+        pass
+    return flops
+
+
+def count_train_flops(model, task, batch: dict, autocast) -> float:
+    """FLOPs of one training micro-batch (forward + backward), counted on a real batch.
+
+    Runs in eval mode (BatchNorm statistics untouched; dropout does not change the
+    FLOP count) with the RNG forked, then drops the gradients: training itself is
+    unaffected, which keeps resumed runs bit-identical.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+            with autocast():
+                out = task.forward(model, batch)
+            out["loss"].backward()
+        return float(counter.get_total_flops())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)

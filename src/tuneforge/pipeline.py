@@ -287,8 +287,19 @@ def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, a
     t0 = time.perf_counter()
     datasets = {k: task.dataset(v, labels, k) for k, v in splits.items()}
     prep_s = time.perf_counter() - t0
-    loaders = {k: task.loader(d, cfg.batch_size if k == "train" else cfg.eval_batch_size, train=k == "train",
-                              seed=cfg.seed) for k, d in datasets.items()}
+    from .engine.activation_cache import build_cached_loaders, cacheable
+
+    use_cache, why_not = cacheable(model, strategy, task, recipe)
+    if use_cache:
+        t0 = time.perf_counter()
+        autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        loaders = build_cached_loaders(model, task, datasets, recipe, device, autocast, precision_name(amp_dtype), log)
+        prep_s += time.perf_counter() - t0
+    else:
+        if strategy.name == "linear-probe":
+            log(f"activation cache off: {why_not}")
+        loaders = {k: task.loader(d, cfg.batch_size if k == "train" else cfg.eval_batch_size, train=k == "train",
+                                  seed=cfg.seed) for k, d in datasets.items()}
     truncated = getattr(task, "truncated", {})
     if any(truncated.values()):
         log(f"[yellow]truncated to {task.max_length} tokens[/]: " + ", ".join(f"{k} {v}" for k, v in truncated.items() if v)

@@ -100,7 +100,8 @@ def test_speed_figures_are_measured(tiny_bert_dir, tmp_path):
     train = write_text_csv(tmp_path / "train.csv", n=40)
     flops = {}
     for name in ("full", "linear-probe"):
-        run = finetune(text_recipe(tiny_bert_dir, train, tmp_path / name, name, train={"log_every": 2}))
+        run = finetune(text_recipe(tiny_bert_dir, train, tmp_path / name, name,
+                                   train={"log_every": 2, "cache_activations": "off"}))
         timings = json.loads((run.path / "manifest.json").read_text())["timings"]
         assert timings["tokens_per_s"] > 0 and 0 <= timings["padding_fraction"] < 1
         assert 0 < timings["mfu"] < 1 and timings["peak_rss_mb"] > 100
@@ -109,3 +110,12 @@ def test_speed_figures_are_measured(tiny_bert_dir, tmp_path):
         flops[name] = timings["train_flops_per_token"]
     # counted, not estimated: a frozen backbone does no backward work, so far fewer FLOPs
     assert flops["linear-probe"] < 0.6 * flops["full"]
+
+
+def test_measuring_the_matmul_peak_leaves_the_training_rng_alone(tmp_path, monkeypatch):
+    from tuneforge.engine.throughput import measure_matmul_peak
+
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path))  # force a fresh measurement
+    before = torch.get_rng_state()
+    assert measure_matmul_peak(torch.device("cpu"), torch.float32, n=256, repeats=2) > 0
+    assert torch.equal(before, torch.get_rng_state())

@@ -42,8 +42,9 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048,
         known = {}
     if key in known:
         return known[key]
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    g = torch.Generator().manual_seed(0)  # private: measuring must not move the training RNG
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -74,12 +75,19 @@ def count_train_flops(model, task, batch: dict, autocast) -> float:
 
     was_training = model.training
     model.eval()
+    # Saved and restored by hand: torch.random.fork_rng does not restore the state
+    # when a FlopCounterMode is active inside it (seen with torch 2.14).
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter:
             with autocast():
                 out = task.forward(model, batch)
             out["loss"].backward()
         return float(counter.get_total_flops())
     finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
         model.zero_grad(set_to_none=True)
         model.train(was_training)

@@ -116,12 +116,14 @@ class Classifier(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
 
-    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, **_) -> torch.Tensor:
-        pooled = self.features(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, features=None, **_) -> torch.Tensor:
+        # ``features``: pooled backbone outputs from the activation cache (frozen backbone)
+        pooled = features if features is not None else self.features(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
         return self.task_head(self.dropout(pooled))  # (B, num_labels)
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "features")
 
 
 class ClassificationTask:

@@ -9,11 +9,8 @@ FLOP/s measured on the same machine in the same precision.
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,17 +28,11 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul: the yardstick for MFU. Cached per machine/dtype/threads."""
-    key = f"{device.type}-{dtype}-{torch.get_num_threads()}-{n}"
-    if device.type == "cuda":
-        key += "-" + torch.cuda.get_device_name(device).replace(" ", "_")
-    cache = Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge")) / "matmul_peak.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return known[key]
+    """FLOP/s of a large square matmul, best of ``repeats``: the yardstick for MFU.
+
+    Measured afresh each run (well under a second), never cached: a figure taken
+    while the machine was busy would inflate every later MFU.
+    """
     g = torch.Generator().manual_seed(0)  # private: measuring must not move the training RNG
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
@@ -55,13 +46,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
-    flops = 2 * n**3 / best
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({**known, key: flops}))
-    except OSError:
-        pass
-    return flops
+    return 2 * n**3 / best
 
 
 def count_train_flops(model, task, batch: dict, autocast) -> float:

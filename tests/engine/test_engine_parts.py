@@ -119,3 +119,24 @@ def test_measuring_the_matmul_peak_leaves_the_training_rng_alone(tmp_path, monke
     before = torch.get_rng_state()
     assert measure_matmul_peak(torch.device("cpu"), torch.float32, n=256, repeats=2) > 0
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_depthwise_convolution_backward_flops_are_not_counted_as_dense():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tuneforge.engine.throughput import count_train_flops
+
+    class Task:
+        def forward(self, model, batch):
+            return {"loss": model(batch["x"]).sum()}
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1, bias=False),
+                                torch.nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False))
+    x = torch.randn(2, 16, 8, 8)
+    with FlopCounterMode(display=False) as fwd:
+        model(x)
+    train = count_train_flops(model, Task(), {"x": x}, __import__("contextlib").nullcontext)
+    # dense conv: weight grad only (input needs none); depthwise: input + weight grads
+    dense, depthwise = 2 * 16 * 16 * 9 * 64 * 2, 2 * 16 * 9 * 64 * 2
+    assert fwd.get_total_flops() == dense + depthwise
+    assert train == 2 * dense + 3 * depthwise

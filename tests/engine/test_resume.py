@@ -234,3 +234,27 @@ def test_image_run_with_augmentation_resumes_exactly(tiny_timm_weights, tmp_path
         for key, tensor in ref[name].items():
             assert tensor.equal(got[name][key]), (name, key)
     assert _events(crashed) == _events(reference.path)
+
+
+def test_sigterm_to_the_process_group_with_loader_workers(tiny_timm_weights, tmp_path):
+    """A scheduler or `timeout` signals every process of the group, loader workers included."""
+    from helpers import image_recipe, write_image_folder
+
+    train = write_image_folder(tmp_path / "images", n_per_class=10)
+    recipe = image_recipe(tiny_timm_weights, train, tmp_path / "run", "full",
+                          data={"num_workers": 1}, train={"epochs": 40, "log_every": 1})
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(recipe_path)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count('"train"') >= 3):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)  # what `timeout` and many schedulers send to the group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "interrupted"
+    assert newest_valid(tmp_path / "run" / "checkpoints") is not None

@@ -70,7 +70,8 @@ class ImageClassification(ClassificationTask):
             # steal cores from the matmuls on small machines.
             workers = 1 if (os.cpu_count() or 1) >= 2 else 0
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-                          collate_fn=_collate, generator=torch.Generator().manual_seed(seed))
+                          collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
+                          worker_init_fn=_leave_signals_to_the_main_process if workers else None)
 
     def settings(self) -> dict:
         return {"preprocessing": self.preprocessing}
@@ -115,6 +116,17 @@ class SeededItems(torch.utils.data.Dataset):
                 return self.inner[index]
         finally:
             random.setstate(state)
+
+
+def _leave_signals_to_the_main_process(_worker_id: int) -> None:
+    """A SIGTERM to the process group (timeout, schedulers) or Ctrl-C reaches the loader
+    workers too; a worker that dies of it takes the main process's graceful
+    stop-and-save down with it. Workers ignore both; the main process finishes the
+    step, saves a checkpoint and shuts them down."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _collate(items: list[dict]) -> dict:

@@ -242,6 +242,9 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
                 "or task.image_size, or use a lighter strategy (lora, linear-probe)"
                 + (f"; the last checkpoint (step {last}) resumes with --resume {run.path}" if last else "")) from err
         raise
+    finally:
+        if trainer is not None and getattr(trainer, "replay", None) is not None:
+            trainer.replay.remove()  # the model's own forwards again, for whoever uses it next
     return Run(path=run.path, metrics=final, recipe=recipe, history=state.evals)
 
 
@@ -289,15 +292,22 @@ def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, a
     prep_s = time.perf_counter() - t0
     from .engine.activation_cache import build_cached_loaders, cacheable
 
+    from .engine import prefix_cache
+
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    loaders, replay = None, None
     use_cache, why_not = cacheable(model, strategy, task, recipe)
+    use_prefix, why_not_prefix = prefix_cache.cacheable(model, strategy, task, recipe)
+    t0 = time.perf_counter()
     if use_cache:
-        t0 = time.perf_counter()
-        autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         loaders = build_cached_loaders(model, task, datasets, recipe, device, autocast, precision_name(amp_dtype), log)
-        prep_s += time.perf_counter() - t0
-    else:
-        if strategy.name == "linear-probe":
-            log(f"activation cache off: {why_not}")
+    elif use_prefix:
+        loaders, replay = prefix_cache.build_prefix_loaders(model, strategy, task, datasets, recipe, device, autocast,
+                                                            precision_name(amp_dtype), log)
+    elif strategy.name in ("linear-probe", "partial"):
+        log(f"activation cache off: {why_not if strategy.name == 'linear-probe' else why_not_prefix}")
+    prep_s += time.perf_counter() - t0
+    if loaders is None:
         loaders = {k: task.loader(d, cfg.batch_size if k == "train" else cfg.eval_batch_size, train=k == "train",
                                   seed=cfg.seed) for k, d in datasets.items()}
     truncated = getattr(task, "truncated", {})
@@ -317,6 +327,7 @@ def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, a
     trainer = Trainer(model=model, task=task, strategy=strategy, optimizer=optimizer, scheduler=None,
                       train_loader=loaders["train"], val_loader=loaders["validation"], cfg=cfg, device=device,
                       amp_dtype=amp_dtype, metrics_factory=lambda: task.metrics(labels), callbacks=callbacks)
+    trainer.replay = replay  # removed when the run ends (pipeline's finally)
     trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps, cfg.warmup)
     log(f"training: {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), batch {cfg.batch_size}"
         f"x{cfg.grad_accum}, lr {cfg.lr:g} (head {head_lr:g}), {precision_name(amp_dtype)} on {device}")

@@ -116,7 +116,7 @@ class TrainSection(_Section):
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping on metric_for_best.")
     save_every: Optional[int] = Field(None, ge=1, description="Also write a checkpoint every N optimizer steps (the best one is always kept).")
     keep_checkpoints: int = Field(2, ge=1, description="Periodic checkpoints kept on disk (oldest removed first).")
-    cache_activations: Literal["auto", "off"] = Field("auto", description="auto: when the whole backbone is frozen and deterministic (linear-probe; no random augmentation), compute its features once and train the head on them every epoch.")
+    cache_activations: Literal["auto", "off"] = Field("auto", description="auto: when frozen layers are deterministic (eval mode, no random augmentation), compute their outputs once and reuse them every epoch: the pooled features for linear-probe, the last frozen layer's activations for partial (checked to give the same logits, else off with the reason logged).")
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding, faster).")
     progress: bool = Field(True, description="Show progress bars.")
 

@@ -123,7 +123,7 @@ class Classifier(nn.Module):
         return self.task_head(self.dropout(pooled))  # (B, num_labels)
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "features")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "features", "prefix_activations")
 
 
 class ClassificationTask:

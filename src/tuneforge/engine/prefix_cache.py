@@ -1,0 +1,342 @@
+"""Activation caching for frozen *prefixes* (``partial``: the lower layer groups frozen).
+
+The frozen groups run in eval mode (no dropout, fixed BatchNorm statistics) and,
+without random augmentation, see the same input every epoch, so the output of
+the last frozen group is a pure function of the example. We compute it once per
+example and, for every later step, *replay* it: the frozen modules' ``forward``
+is swapped (on the instance, so parameter names and saved weights are untouched)
+for one that returns the cached tensor (the first frozen module called) or
+passes its input through (the others). The trainable top groups run as usual.
+
+This is generic over chain-shaped backbones (BERT-style encoders, CNN stages),
+found rather than assumed: a probe forward records the order in which the
+frozen modules run and what they return, and before training we check on real
+examples that the replayed model gives the logits of the normal one. A backbone
+that does work *between* its layer groups (e.g. scales the embeddings, or keeps
+position embeddings as bare parameters like timm's ViT) fails that check or the
+probe, and the run simply trains without the cache, saying why.
+
+Text activations are stored unpadded per example (ragged, with offsets) and
+re-padded with zeros per batch: padded positions are masked out as attention
+keys, so their values never reach a real position or the pooled features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.batching import EpochBatchSampler
+from .activation_cache import MMAP_BYTES, _data_digest, cache_dir
+
+FORMAT = 1
+KEY = "prefix_activations"
+
+
+def cacheable(model, strategy, task, recipe) -> tuple[bool, str]:
+    if recipe.train.cache_activations == "off":
+        return False, "train.cache_activations is off"
+    if strategy.name != "partial":
+        return False, "no fixed frozen prefix"
+    if task.modality == "image" and recipe.data.augment:
+        return False, ("random augmentation changes the frozen layers' input every epoch "
+                       "(set data.augment: false to cache)")
+    names = dict(model.named_modules())
+    loose = [n for n in strategy.frozen if n not in names]
+    if loose:
+        return False, f"the frozen groups hold bare parameters ({', '.join(loose[:3])}) used outside any module"
+    return True, ""
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after the last frozen module needs computing."""
+
+
+def _first_tensor(out):
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    return None
+
+
+def _replace_first(out, tensor):
+    if torch.is_tensor(out):
+        return tensor
+    return type(out)([tensor, *out[1:]]) if isinstance(out, (tuple, list)) else tensor
+
+
+class Replay:
+    """Swaps the frozen modules' forwards for cache replays; ``remove()`` restores them."""
+
+    def __init__(self, model: nn.Module, order: list[str], structure: dict):
+        self.model, self.order, self.structure = model, order, structure
+        self.current: torch.Tensor | None = None
+        self.modules = {n: model.get_submodule(n) for n in order}
+        self.active = False
+
+    def install(self) -> None:
+        if self.active:
+            return
+        entry = self.order[0]
+        for name, module in self.modules.items():
+            module.forward = self._entry(name) if name == entry else self._passthrough(name)
+        self._hook = self.model.register_forward_pre_hook(self._take, with_kwargs=True)
+        self.active = True
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        for module in self.modules.values():
+            del module.forward  # the class's own forward again
+        self._hook.remove()
+        self.active = False
+
+    def _take(self, _module, args, kwargs):
+        self.current = kwargs.pop(KEY, None)
+        return args, kwargs
+
+    def _entry(self, name):
+        def forward(*args, **kwargs):
+            if self.current is None:
+                raise RuntimeError("prefix replay is installed but the batch carries no cached activations")
+            return _replace_first(self.structure[name], self.current)
+        return forward
+
+    def _passthrough(self, name):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+            return _replace_first(self.structure[name], hidden)
+        return forward
+
+
+def _probe(model, frozen: list[str], inputs: dict):
+    """Run one forward; record the order the frozen modules run in and what they return."""
+    order, structure, counts = [], {}, {}
+    handles = []
+    for name in frozen:
+        def hook(_m, _a, out, name=name):
+            counts[name] = counts.get(name, 0) + 1
+            if name not in structure:
+                order.append(name)
+                structure[name] = tuple(out) if isinstance(out, list) else out
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if set(order) != set(frozen) or any(c != 1 for c in counts.values()):
+        return None, None, "the frozen modules do not each run exactly once per forward"
+    last = _first_tensor(structure[order[-1]])
+    if last is None or any(_first_tensor(structure[n]) is None for n in order):
+        return None, None, "a frozen module returns no tensor"
+    # Keep only placeholders for the non-tensor parts (None, small tuples); drop the big tensors.
+    skeleton = {n: _replace_first(structure[n], None) if not torch.is_tensor(structure[n]) else None
+                for n in order}
+    return order, skeleton, ""
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy()
+    return t.numpy()
+
+
+def _from_numpy(a, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+@torch.inference_mode()
+def _compute(model, task, dataset, boundary: str, batch_size: int, device, autocast):
+    """Output of the last frozen module for every example: (flat rows, offsets) for text,
+    one fixed-shape array for images."""
+    rows: list | None = None
+    captured = {}
+
+    def hook(_m, _a, out):
+        captured["out"] = _first_tensor(out).detach()
+        raise _Stop
+
+    handle = model.get_submodule(boundary).register_forward_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        rows = [None] * len(dataset)
+        for batch in task.loader(dataset, batch_size, train=False, seed=0):
+            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+            try:
+                with autocast():
+                    model(**inputs)
+            except _Stop:
+                pass
+            out = captured.pop("out").cpu()
+            lengths = batch["attention_mask"].sum(1).tolist() if "attention_mask" in batch else None
+            for j, i in enumerate(batch["index"].tolist()):
+                rows[i] = out[j, : lengths[j]].clone() if lengths else out[j].clone()
+    finally:
+        handle.remove()
+        model.train(was_training)
+    dtype = rows[0].dtype
+    if "attention_mask" in inputs:
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([r.shape[0] for r in rows])
+        return _to_numpy(torch.cat(rows)), offsets, dtype
+    return _to_numpy(torch.stack(rows)), None, dtype
+
+
+class PrefixDataset(Dataset):
+    """The task's dataset (token ids for the mask and shapes; images are not decoded)
+    plus each example's cached prefix activations."""
+
+    def __init__(self, inner, values, offsets, dtype, modality: str):
+        self.inner, self.values, self.offsets, self.dtype, self.modality = inner, values, offsets, dtype, modality
+        self.where = list(getattr(inner, "where", None) or [r.where for r in inner.records])
+        self.targets = inner.targets if hasattr(inner, "targets") else inner.labels
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def activations(self, i: int) -> torch.Tensor:
+        if self.offsets is not None:
+            return _from_numpy(self.values[self.offsets[i]: self.offsets[i + 1]], self.dtype)
+        return _from_numpy(self.values[i], self.dtype)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.inner[i] if self.modality == "text" else {"labels": self.targets[i], "index": i}
+        return {**item, KEY: self.activations(i)}
+
+
+def _collate_fn(task, modality: str):
+    def collate(items: list[dict]) -> dict:
+        acts = [it.pop(KEY) for it in items]
+        if modality == "text":
+            batch = task.collate(items)
+            longest = batch["input_ids"].shape[1]
+            padded = acts[0].new_zeros((len(acts), longest, acts[0].shape[-1]))  # (B, T, H)
+            for row, a in enumerate(acts):
+                padded[row, : a.shape[0]] = a
+            batch[KEY] = padded
+            return batch
+        labels = torch.tensor([it["labels"] for it in items], dtype=torch.long)
+        stacked = torch.stack(acts)  # (B, ...) the frozen prefix's output
+        # The replayed stem ignores its input; a 1-pixel placeholder keeps the call signature.
+        return {"pixel_values": stacked.new_zeros((len(items), 3, 1, 1), dtype=torch.float32), "labels": labels,
+                "index": torch.tensor([it["index"] for it in items]), KEY: stacked}
+    return collate
+
+
+def _weights_digest(model, names: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        for key, tensor in sorted(model.get_submodule(name).state_dict().items()):
+            h.update(f"{name}.{key}".encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_or_compute(path: Path, compute):
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        mmap = "r" if path.stat().st_size > MMAP_BYTES else None
+        values = np.load(path, mmap_mode=mmap)
+        offsets = np.asarray(meta["offsets"], dtype=np.int64) if meta["offsets"] is not None else None
+        return values, offsets, getattr(torch, meta["dtype"]), True
+    values, offsets, dtype = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, values)
+        tmp.replace(path)
+        meta_path.write_text(json.dumps({"offsets": offsets.tolist() if offsets is not None else None,
+                                         "dtype": str(dtype).removeprefix("torch.")}))
+    except OSError:
+        pass  # a read-only cache directory only costs the reuse
+    return values, offsets, dtype, False
+
+
+def _check_replay(model, task, datasets, replay: Replay, collate, device, autocast, tolerance: float) -> str:
+    """Logits with the replay must equal the normal forward's on real training examples."""
+    train = datasets["train"]
+    n = min(8, len(train))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast():
+            plain = task.loader(train.inner, n, train=False, seed=0)
+            batch = next(iter(plain))
+            keep = ("input_ids", "attention_mask", "pixel_values")
+            expected = model(**{k: v.to(device) for k, v in batch.items() if k in keep}).float()
+            cached = collate([train[i] for i in batch["index"].tolist()])
+            replay.install()
+            try:
+                got = model(**{k: v.to(device) for k, v in cached.items() if k in keep + (KEY,)}).float()
+            finally:
+                replay.remove()
+    finally:
+        model.train(was_training)
+    diff = (got - expected).abs().max().item()
+    scale = expected.abs().max().item() + 1.0
+    if not diff <= tolerance * scale:
+        return f"replaying cached activations changes this model's logits (max difference {diff:.3g})"
+    return ""
+
+
+def build_prefix_loaders(model, strategy, task, datasets: dict, recipe, device, autocast, precision: str, log):
+    """Loaders that carry cached prefix activations, and the installed ``Replay``;
+    ``(None, None)`` with the reason logged when this model cannot replay."""
+    cfg = recipe.train
+    frozen = [n for n in strategy.frozen]
+    probe_batch = next(iter(task.loader(datasets["train"], min(2, len(datasets["train"])), train=False, seed=0)))
+    keep = ("input_ids", "attention_mask", "pixel_values")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast():
+            order, skeleton, why = _probe(model, frozen, {k: v.to(device) for k, v in probe_batch.items() if k in keep})
+    finally:
+        model.train(was_training)
+    if order is None:
+        log(f"activation cache off: {why}")
+        return None, None
+    boundary = order[-1]
+    weights = _weights_digest(model, order)
+    preprocessing = {k: v for k, v in task.settings().items() if k != "truncated"}
+    settings = json.dumps({"format": FORMAT, "kind": "prefix", "frozen": order, "preprocessing": preprocessing,
+                           "precision": precision}, sort_keys=True, default=str)
+    wrapped, reused = {}, []
+    for split, dataset in datasets.items():
+        key = hashlib.sha256(f"{weights}|{_data_digest(dataset)}|{settings}".encode()).hexdigest()[:32]
+        values, offsets, dtype, hit = _load_or_compute(
+            cache_dir() / f"prefix-{key}.npy",
+            lambda: _compute(model, task, dataset, boundary, cfg.eval_batch_size, device, autocast))
+        reused.append(f"{split} {'reused' if hit else 'computed once'}")
+        wrapped[split] = PrefixDataset(dataset, values, offsets, dtype, task.modality)
+    replay = Replay(model, order, skeleton)
+    collate = _collate_fn(task, task.modality)
+    tolerance = 1e-4 if precision == "fp32" else 2e-2
+    why = _check_replay(model, task, wrapped, replay, collate, device, autocast, tolerance)
+    if why:
+        log(f"activation cache off: {why}")
+        return None, None
+    loaders = {}
+    for split, ds in wrapped.items():
+        train = split == "train"
+        lengths = ds.inner.lengths if task.modality == "text" else None
+        # Same sampler and seed as the uncached path: identical batches in identical order.
+        sampler = EpochBatchSampler(len(ds), cfg.batch_size if train else cfg.eval_batch_size, shuffle=train,
+                                    seed=cfg.seed, lengths=lengths, group_by_length=cfg.group_by_length)
+        loaders[split] = DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+                                    generator=torch.Generator().manual_seed(cfg.seed))
+    replay.install()
+    log(f"activation cache: frozen layers {order[0]} .. {boundary} run once, replayed from the cache "
+        f"({', '.join(reused)})")
+    return loaders, replay

@@ -270,12 +270,31 @@ def _build_model(recipe, task, labels, device, init_from, log):
     strategy = get_strategy(recipe.strategy)
     model = strategy.apply(model, loaded.info)
     model.to(device)
+    if _channels_last(recipe, loaded.info.modality, device):
+        model.to(memory_format=torch.channels_last)  # 4-D weights only; the trainer converts the images
+        log("memory format: channels-last (train.channels_last)")
+    if recipe.train.compile:
+        _compile(model, task, log)
     log(f"model: {m.name} ({loaded.info.family}, {loaded.info.modality}) loaded in {time.perf_counter() - t0:.1f}s; "
         f"strategy {strategy.name}: {describe_trainable(model)}")
     adapted = getattr(strategy, "adapted", [])
     if adapted:
         log(f"adapted modules ({len(adapted)}): " + ", ".join(adapted[:6]) + (" ..." if len(adapted) > 6 else ""))
     return model, loaded, strategy
+
+
+def _channels_last(recipe, modality: str, device) -> bool:
+    choice = recipe.train.channels_last
+    return modality == "image" and (choice == "on" or (choice == "auto" and device.type == "cuda"))
+
+
+def _compile(model, task, log) -> None:
+    """Compile the backbone in place (``nn.Module.compile``): the module tree and its state_dict
+    names stay as they are, so checkpoints, saving and strategies are unaffected."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # Text batches vary in length: dynamic shapes compile once instead of once per length.
+    base.backbone.compile(dynamic=task.modality == "text")
+    log("torch.compile: the backbone compiles on its first batches (train.compile)")
 
 
 def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, amp_dtype, console, log):
@@ -327,6 +346,7 @@ def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, a
     trainer = Trainer(model=model, task=task, strategy=strategy, optimizer=optimizer, scheduler=None,
                       train_loader=loaders["train"], val_loader=loaders["validation"], cfg=cfg, device=device,
                       amp_dtype=amp_dtype, metrics_factory=lambda: task.metrics(labels), callbacks=callbacks)
+    trainer.channels_last = _channels_last(recipe, task.modality, device)
     trainer.replay = replay  # removed when the run ends (pipeline's finally)
     trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps, cfg.warmup)
     log(f"training: {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), batch {cfg.batch_size}"

@@ -118,6 +118,8 @@ class TrainSection(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="Periodic checkpoints kept on disk (oldest removed first).")
     cache_activations: Literal["auto", "off"] = Field("auto", description="auto: when frozen layers are deterministic (eval mode, no random augmentation), compute their outputs once and reuse them every epoch: the pooled features for linear-probe, the last frozen layer's activations for partial (checked to give the same logits, else off with the reason logged).")
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding, faster).")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="Image models: keep weights and images in channels-last (NHWC) memory layout. auto = on for CUDA (faster convolutions with bf16/fp16 tensor cores), off on CPU (measured no faster there: PERFORMANCE.md).")
+    compile: bool = Field(False, description="torch.compile the backbone (in place; saved weights keep their names). Opt-in: compiling takes tens of seconds to minutes, which only pays off on long runs; text batches of varying length compile with dynamic shapes.")
     progress: bool = Field(True, description="Show progress bars.")
 
     @property

@@ -62,6 +62,8 @@ class Trainer:
         self._loss_count = 0
         self.flops_per_unit: float | None = None
         self.peak_flops: float | None = None
+        self.channels_last = False  # images converted to NHWC on the way in (train.channels_last)
+        self.replay = None  # a frozen-prefix activation replay to remove when the run ends
 
     # -- helpers ---------------------------------------------------------------------------
     def fire(self, event: str, *args) -> None:
@@ -74,7 +76,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if self.channels_last and "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].contiguous(memory_format=torch.channels_last)
+        return out
 
     def current_lrs(self) -> dict:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}

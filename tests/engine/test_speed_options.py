@@ -1,0 +1,64 @@
+"""Speed options change how the work is laid out, never the result: channels-last images
+and a compiled backbone train to the same weights (within kernel tolerance) and save
+models that load and predict like any other run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import image_recipe, text_recipe, write_image_folder, write_text_csv
+from tuneforge import finetune, load
+
+
+def _losses(run):
+    return [json.loads(x)["loss"] for x in (run.path / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(x)]
+
+
+def test_channels_last_trains_like_contiguous(tiny_timm_weights, tmp_path):
+    train = write_image_folder(tmp_path / "images", n_per_class=8)
+    runs = {mode: finetune(image_recipe(tiny_timm_weights, train, tmp_path / mode,
+                                        train={"channels_last": mode}, data={"augment": False}))
+            for mode in ("on", "off")}
+    assert _losses(runs["on"]) == pytest.approx(_losses(runs["off"]), rel=1e-3, abs=1e-4)
+    a = load_file(str(runs["on"].path / "model" / "model.safetensors"))
+    b = load_file(str(runs["off"].path / "model" / "model.safetensors"))
+    # Convolution kernels sum in another order in NHWC; Adam turns a near-zero gradient's
+    # sign noise into a full lr-sized step, so a weight may move by up to lr x steps (6e-3).
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=6e-3, msg=k)
+    # the saved model is an ordinary one: it loads and predicts the same classes as the other
+    images = sorted(str(p) for p in train.rglob("*.png"))[:6]
+    assert [p["label"] for p in load(runs["on"].path).predict(images)] == \
+           [p["label"] for p in load(runs["off"].path).predict(images)]
+
+
+def test_channels_last_auto_is_off_on_cpu(tiny_timm_weights, tmp_path, capsys):
+    train = write_image_folder(tmp_path / "images", n_per_class=4)
+    finetune(image_recipe(tiny_timm_weights, train, tmp_path / "run", train={"epochs": 1}))
+    assert "channels-last" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_backbone_gives_the_eager_results(tiny_bert_dir, tmp_path):
+    # Dropout draws its masks differently once compiled, so training curves are not
+    # comparable step by step; what must hold: the compiled model computes what the eager
+    # model with the same weights computes, and what it saves is an ordinary model.
+    train = write_text_csv(tmp_path / "train.csv", n=32)
+    val = write_text_csv(tmp_path / "val.csv", n=12, seed=5)
+    run = finetune(text_recipe(tiny_bert_dir, train, tmp_path / "run", data={"validation": str(val)},
+                               train={"epochs": 2, "compile": True}))
+    losses = _losses(run)
+    assert losses and all(math.isfinite(x) for x in losses)
+    from tuneforge.evaluate import evaluate_run
+
+    eager = evaluate_run(run.path, str(val))  # the saved weights, loaded without compile
+    assert eager["loss"] == pytest.approx(run.metrics["validation"]["loss"], rel=1e-4)
+    assert eager["accuracy"] == run.metrics["validation"]["accuracy"]
+    saved = load_file(str(run.path / "model" / "backbone" / "model.safetensors"))
+    assert not any("_orig_mod" in k for k in saved)  # compiled in place: names unchanged

@@ -133,8 +133,8 @@ class OutputSection(_Section):
     name: Optional[str] = Field(None, description="Run name used in the default directory.")
     overwrite: bool = Field(False, description="Allow writing into a directory that already holds a run.")
     save_model: bool = Field(True, description="Write the final model (best checkpoint) into <run>/model.")
-    merge: bool = Field(False, description="lora / ia3: fold the trained update into the base weights and save a plain model (no peft needed to load it); the largest |merged - unmerged| logit difference on validation examples is printed, and above merge_tolerance the run fails.")
-    merge_tolerance: float = Field(1e-4, gt=0, description="Largest |merged - unmerged| logit difference that output.merge accepts, in units of max(1, largest |logit|) (fp32, up to 16 validation examples).")
+    merge: bool = Field(False, description="lora / ia3: fold the trained update into the base weights and save a plain model (no peft needed to load it); the largest logit difference abs(merged - unmerged) on validation examples is printed, and above merge_tolerance the run fails.")
+    merge_tolerance: float = Field(1e-4, gt=0, description="Largest logit difference abs(merged - unmerged) that output.merge accepts, in units of max(1, largest abs(logit)) (fp32, up to 16 validation examples).")
 
 
 class Recipe(_Section):

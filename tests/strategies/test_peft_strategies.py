@@ -72,8 +72,20 @@ def _efficientnet(tiny_timm_weights):
     return model, loaded.info, {"pixel_values": torch.randn(2, 3, 32, 32)}
 
 
+def _resnet():
+    """Regular 3x3 convolutions (timm's test_resnet: basic blocks)."""
+    import timm
+
+    from tuneforge.models.timm_loader import timm_info
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    info = timm_info(backbone, "test_resnet", "tiny-resnet")
+    return Classifier(backbone, info.feature_dim, 3, "image"), info, {"pixel_values": torch.randn(2, 3, 32, 32)}
+
+
 def _build(kind, tiny_bert_dir, tiny_timm_weights):
-    return {"bert": lambda: _bert(tiny_bert_dir), "llama": _llama, "vit": _vit,
+    return {"bert": lambda: _bert(tiny_bert_dir), "llama": _llama, "vit": _vit, "resnet": _resnet,
             "efficientnet": lambda: _efficientnet(tiny_timm_weights)}[kind]()
 
 
@@ -134,6 +146,8 @@ CASES = [
     ("bert", {"name": "prefix-tuning", "virtual_tokens": 4}),
     ("llama", {"name": "adapters", "reduction_factor": 4}),
     ("llama", {"name": "ia3"}),
+    ("llama", {"name": "prompt-tuning", "virtual_tokens": 4}),
+    ("llama", {"name": "prefix-tuning", "virtual_tokens": 4}),
     ("vit", {"name": "adapters", "reduction_factor": 4}),
     ("vit", {"name": "bitfit"}),
     ("efficientnet", {"name": "bitfit"}),
@@ -181,12 +195,16 @@ def test_bitfit_trains_only_biases_and_head(tiny_bert_dir):
     ("bert", {"name": "ia3"}),
     ("efficientnet", {"name": "lora", "dropout": 0.0}),
     ("efficientnet", {"name": "ia3"}),
+    ("resnet", {"name": "lora", "dropout": 0.0}),
+    ("resnet", {"name": "lora", "dora": True, "dropout": 0.0}),
     ("vit", {"name": "lora", "targets": "all-linear", "dropout": 0.0}),
 ], ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())))
 def test_merged_equals_unmerged(kind, options, tiny_bert_dir, tiny_timm_weights):
     model, info, inputs = _build(kind, tiny_bert_dir, tiny_timm_weights)
-    strategy = _strategy(**options, image=kind in ("vit", "efficientnet"))
+    strategy = _strategy(**options, image=kind in ("vit", "efficientnet", "resnet"))
     model = strategy.apply(model, info)
+    if kind == "resnet":
+        assert any(m.kernel_size == (3, 3) for n, m in model.named_modules() if n.endswith(".base_layer"))
     _train_steps(model, strategy, inputs, steps=5, lr=5e-2)  # a non-trivial update to fold in
     with torch.no_grad():
         unmerged = model(**inputs)
@@ -262,6 +280,20 @@ def test_lora_target_errors_list_module_names(tiny_bert_dir):
         load_recipe({"strategy": {"name": "lora", "targets": ["query"], "target_regex": "x"}})
     with pytest.raises(TuneforgeError, match="LoRA cannot adapt"):
         _strategy(name="lora", target_regex=r"encoder\.layer\.0\.attention").apply(model, info)
+
+
+def test_lora_refuses_same_padded_convs():
+    import timm
+
+    from tuneforge.models.timm_loader import timm_info
+
+    backbone = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    model = Classifier(backbone, backbone.num_features, 3, "image")
+    info = timm_info(backbone, "tf_efficientnet_lite0", "lite0")
+    with pytest.raises(TuneforgeError, match="'same' padding.*conv_stem"):
+        _strategy(name="lora", target_regex="conv_stem", image=True).apply(model, info)
+    merged_ok = _strategy(name="lora", targets="all-linear", image=True).apply(model, info)  # 1x1 convs only
+    assert any("lora_A" in n for n, _ in merged_ok.named_parameters())
 
 
 def test_merge_needs_a_foldable_strategy():

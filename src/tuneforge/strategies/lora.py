@@ -32,7 +32,7 @@ class LoraOptions(StrategyOptions):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA input path.")
     targets: Optional[Union[Literal["all-linear"], list[str]]] = Field(
         None, description="Module-name suffixes to adapt, or all-linear (every Linear layer of the backbone; 1x1 convolutions for CNNs); default: the model family's attention/MLP projections.")
-    target_regex: Optional[str] = Field(None, description=r"Python regex that whole backbone module names must match (re.fullmatch), e.g. 'encoder\.layer\.[3-5]\..*(query|value)'; instead of targets.")
+    target_regex: Optional[str] = Field(None, description=r"Python regex that whole backbone module names must match (re.fullmatch), e.g. 'encoder\.layer\.[3-5]\.attention\.self\.value'; instead of targets.")
     dora: bool = Field(False, description="DoRA: learn each weight's magnitude separately from its LoRA-updated direction (Liu et al. 2024); slower, often better at low rank.")
     rslora: bool = Field(False, description="rsLoRA: scale updates by alpha/sqrt(rank) instead of alpha/rank, which keeps high ranks learning (Kalajdzievski 2023).")
 
@@ -78,7 +78,18 @@ def resolve_lora_targets(backbone: nn.Module, info, options) -> list[str]:
     if unsupported:
         raise TuneforgeError(f"{what} matches modules LoRA cannot adapt: {', '.join(unsupported[:5])}; LoRA adapts "
                              "Linear, Conv1D and non-grouped Conv2d layers — narrow the targets to those")
+    dynamic = [n for n in matched if _dynamic_padding(table[n])]
+    if dynamic:
+        raise TuneforgeError(f"{what} matches convolutions with TF-style 'same' padding computed at run time "
+                             f"({', '.join(dynamic[:5])}): peft's LoRA branch would pad them differently from the "
+                             "base conv; leave them out of the targets (1x1 and ordinary convs work)")
     return matched
+
+
+def _dynamic_padding(module: nn.Module) -> bool:
+    # timm's Conv2dSame pads in forward(); the LoRA conv copies only the static padding
+    return (isinstance(module, nn.Conv2d) and type(module).forward is not nn.Conv2d.forward
+            and module.kernel_size != (1, 1))
 
 
 @register("lora", LoraOptions)

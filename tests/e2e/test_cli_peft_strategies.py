@@ -75,14 +75,16 @@ def test_text_peft_strategy_end_to_end(strategy, tiny_bert_dir, text_train, tmp_
 
 
 def test_prompt_tuning_shortens_texts_to_fit_positions(tiny_bert_dir, text_train, tmp_path, capsys):
-    run = tmp_path / "run"
-    code, out = _train(tmp_path, text_recipe(tiny_bert_dir, text_train, run, "prompt-tuning",
-                                             strategy={"virtual_tokens": 20}, train={"epochs": 1}), capsys)
-    assert code == 0, out.err
-    assert "task.max_length lowered from 64 to 44" in out.err  # the tiny BERT has 64 positions
-    assert json.loads((run / "model" / "tuneforge.json").read_text())["task_settings"]["max_length"] == 44
-    code = main(["predict", str(run), " ".join(["good fun film"] * 30)])  # 90 words: truncated, no crash
-    assert code == 0
+    """Through the Python API: the virtual tokens use up positions, so texts are cut to fit."""
+    import tuneforge
+
+    run = tuneforge.finetune(text_recipe(tiny_bert_dir, text_train, tmp_path / "run", "prompt-tuning",
+                                         strategy={"virtual_tokens": 20}, train={"epochs": 1}))
+    assert "task.max_length lowered from 64 to 44" in capsys.readouterr().err  # the tiny BERT has 64 positions
+    assert json.loads((run.path / "model" / "tuneforge.json").read_text())["task_settings"]["max_length"] == 44
+    long_text = " ".join(["good fun film"] * 30)  # 90 words: truncated to 44 tokens, no position overflow
+    preds = run.predict([long_text, "awful"])
+    assert len(preds) == 2 and preds == tuneforge.load(run.path).predict([long_text, "awful"])
 
 
 @pytest.mark.parametrize("strategy", sorted(IMAGE))

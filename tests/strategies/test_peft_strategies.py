@@ -144,6 +144,7 @@ CASES = [
     ("bert", {"name": "lora", "target_regex": r"encoder\.layer\.1\.attention\.self\.(query|value)", "dropout": 0.0}),
     ("bert", {"name": "prompt-tuning", "virtual_tokens": 4}),
     ("bert", {"name": "prefix-tuning", "virtual_tokens": 4}),
+    ("bert", {"name": "prefix-tuning", "virtual_tokens": 4, "projection": True}),
     ("llama", {"name": "adapters", "reduction_factor": 4}),
     ("llama", {"name": "ia3"}),
     ("llama", {"name": "prompt-tuning", "virtual_tokens": 4}),

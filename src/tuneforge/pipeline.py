@@ -214,7 +214,7 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
                                  f"continue with: {command}")
         if state.stop_reason:
             log(state.stop_reason)
-        final = _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run)
+        final = _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, log)
         from .engine.throughput import peak_memory
 
         eval_s = sum(e.get("eval_seconds", 0.0) for e in state.evals)
@@ -269,6 +269,11 @@ def _build_model(recipe, task, labels, device, init_from, log):
         warm_start(model, init_from, labels, log)
     strategy = get_strategy(recipe.strategy)
     model = strategy.apply(model, loaded.info)
+    limit = getattr(strategy, "max_text_tokens", None)
+    if limit and getattr(task, "max_length", None) and task.max_length > limit:
+        log(f"task.max_length lowered from {task.max_length} to {limit}: strategy {strategy.name}'s virtual tokens "
+            "use the rest of the model's positions")
+        task.max_length = limit
     model.to(device)
     if _channels_last(recipe, loaded.info.modality, device):
         model.to(memory_format=torch.channels_last)  # 4-D weights only; the trainer converts the images
@@ -354,7 +359,7 @@ def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, a
     return trainer, loaders, prep_s
 
 
-def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run) -> dict:
+def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, log) -> dict:
     """Best weights -> final evaluation -> saved model."""
     from .engine.checkpoint import load_checkpoint_weights
     from .saving import save_model
@@ -365,11 +370,30 @@ def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run
     if "test" in loaders:
         final["test"] = trainer.evaluate(loaders["test"], "test")
     final["labels"] = labels.names
+    merged = None
+    if recipe.output.merge:
+        model, merged = _merge(recipe, model, loaders["validation"], trainer.device, log)
+        final["merge"] = merged
     run.write_json("eval.json", final)
     if recipe.output.save_model:
         save_model(run.model_dir, model=model, loaded=loaded, strategy=strategy, labels=labels, task=task,
-                   recipe=recipe)
+                   recipe=recipe, merged=merged)
     return final
+
+
+def _merge(recipe, model, loader, device, log):
+    """output.merge: fold the adapter into the weights, checked on up to 16 validation examples."""
+    from .strategies.merge import merge_and_check
+    from .tasks.base import MODEL_INPUTS
+
+    batch = next(iter(loader))
+    inputs = {k: batch[k][:16].to(device) for k in MODEL_INPUTS if k in batch}
+    tolerance = recipe.output.merge_tolerance
+    merged, report = merge_and_check(model, inputs, tolerance)
+    log(f"merge: max |merged - unmerged| logit = {report['max_abs_logit_diff']:.3g} on {report['examples']} "
+        f"validation examples (logits up to {report['logit_scale']:.3g}; tolerance {tolerance:g} x max(1, |logit|), "
+        "fp32): ok")
+    return merged, report
 
 
 def _info_json(info) -> dict:

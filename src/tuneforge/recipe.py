@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -79,13 +79,16 @@ class DataSection(_Section):
         return value or getattr(self, f"{role}_column")
 
 
-NAME_DOC = "How the pretrained model is adapted: full, linear-probe, partial, lora."
+NAME_DOC = ("How the pretrained model is adapted: full, linear-probe, partial, lora, bitfit, adapters, ia3, "
+            "prompt-tuning, prefix-tuning.")
 
 
 class StrategyOptions(_Section):
     """Base of every strategy's options; each strategy module registers a subclass."""
 
     name: str = Field("full", description=NAME_DOC)
+    # the input modalities the strategy applies to (checked against task.type)
+    modalities: ClassVar[tuple[str, ...]] = ("text", "image")
 
 
 class EarlyStopping(_Section):
@@ -132,6 +135,8 @@ class OutputSection(_Section):
     name: Optional[str] = Field(None, description="Run name used in the default directory.")
     overwrite: bool = Field(False, description="Allow writing into a directory that already holds a run.")
     save_model: bool = Field(True, description="Write the final model (best checkpoint) into <run>/model.")
+    merge: bool = Field(False, description="lora / ia3: fold the trained update into the base weights and save a plain model (no peft needed to load it); the largest logit difference abs(merged - unmerged) on validation examples is printed, and above merge_tolerance the run fails.")
+    merge_tolerance: float = Field(1e-4, gt=0, description="Largest logit difference abs(merged - unmerged) that output.merge accepts, in units of max(1, largest abs(logit)) (fp32, up to 16 validation examples).")
 
 
 class Recipe(_Section):
@@ -159,7 +164,7 @@ class Recipe(_Section):
         value = dict(value)
         name = value.setdefault("name", "full")
         if not isinstance(name, str):
-            raise ValueError(f"strategy.name must be a strategy name (full, linear-probe, partial, lora), got {name!r}")
+            raise ValueError(f"strategy.name must be a strategy name (full, linear-probe, partial, lora, ...), got {name!r}")
         return options_class(name).model_validate(value)
 
     @model_validator(mode="after")
@@ -177,6 +182,18 @@ class Recipe(_Section):
                 f"model '{self.model.name}' is a {alias.modality} model but task.type is {self.task.type}; "
                 f"use {'an' if wanted == 'image' else 'a'} {wanted} model (e.g. {', '.join(others)}) or change task.type"
             )
+        if wanted not in type(self.strategy).modalities:
+            raise ValueError(
+                f"strategy {self.strategy.name} works on {' and '.join(type(self.strategy).modalities)} models only, but "
+                f"task.type is {self.task.type}; for images use lora, adapters, ia3, bitfit, partial or full")
+        if self.output.merge:
+            from .strategies import strategy_class
+
+            if not getattr(strategy_class(self.strategy.name), "mergeable", False):
+                raise ValueError(
+                    f"output.merge folds a LoRA/IA3 update into the base weights; strategy {self.strategy.name} has "
+                    "nothing to fold (its weights are already plain, or its adapters are non-linear) — "
+                    "set output.merge: false, or use strategy lora / ia3")
         if self.train.eval_batch_size is None:
             self.train.eval_batch_size = 2 * self.train.batch_size
         return self

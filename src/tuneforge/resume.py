@@ -93,6 +93,13 @@ def warm_start(model, run_dir: str, labels, log) -> None:
     if mismatched:
         raise TuneforgeError(f"--init-from {run_dir}: its model does not match this recipe's "
                              f"({', '.join(mismatched[:3])} differ in shape); use the same model.name")
+    foreign = [k for k in state if k not in target]
+    if foreign:
+        # adapters / prompt or prefix tuning: weights outside the base architecture, which a
+        # warm start (before the strategy is applied) would drop without a word
+        raise TuneforgeError(f"--init-from {run_dir}: its model holds weights the base model has no place for "
+                             f"({', '.join(foreign[:3])}), e.g. adapters or virtual tokens, so they cannot seed a "
+                             "new run; warm-start from a full, partial, bitfit, lora or ia3 run instead")
     missing, _ = model.load_state_dict(state, strict=False)
     log(f"warm start: weights from {run_dir} ({len(state)} tensors"
         + ("; head re-initialised: the label set differs" if not same_labels else "")

@@ -6,8 +6,12 @@ Layout (``tuneforge.json`` says which applies):
 - HF backbone unchanged (linear-probe): the same, so the model stands on its own;
 - timm backbone (any non-LoRA strategy): ``model.safetensors`` + the timm
   architecture name;
-- LoRA: ``adapter/`` as written by ``peft`` (loads with ``PeftModel.from_pretrained``
-  on the same base) + the base model reference.
+- LoRA / IA3: ``adapter/`` as written by ``peft`` (loads with ``PeftModel.from_pretrained``
+  on the same base) + the base model reference; with ``output.merge`` the update is folded
+  in and the model is saved plainly (one of the two layouts above);
+- adapters, bitfit, prompt / prefix tuning: ``trainable.safetensors`` (only the tensors that
+  trained, by name) + the strategy's options + the base model reference; loading rebuilds
+  the base, re-applies the strategy and fills in the trained tensors.
 Plus ``labels.json`` (label map) and the task's preprocessing settings.
 """
 
@@ -24,7 +28,8 @@ from .errors import TuneforgeError
 FORMAT_VERSION = 1
 
 
-def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe) -> Path:
+def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe, merged: dict | None = None) -> Path:
+    """``merged``: the report of ``merge_and_check`` when ``model`` is an already merged plain model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     info = loaded.info
@@ -39,9 +44,20 @@ def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe
         "base_spec": info.spec,
         "task_settings": task.settings(),
     }
-    if recipe.strategy.name == "lora":
+    layout = "plain" if merged else getattr(strategy, "save_layout", "plain")
+    if merged:
+        meta["merged"] = merged
+    if layout == "peft":
         model.save_pretrained(str(directory / "adapter"))
         meta["layout"] = "peft-adapter"
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(directory / "tokenizer"))
+    elif layout == "trainable":
+        from .strategies.base import trainable_tensors
+
+        save_file(trainable_tensors(model), str(directory / "trainable.safetensors"))
+        meta["layout"] = "base+trainable"
+        meta["strategy_options"] = recipe.strategy.model_dump(mode="json")
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(str(directory / "tokenizer"))
     elif info.spec.get("kind") == "hf":
@@ -104,12 +120,30 @@ def load_model_dir(directory: Path):
         model.task_head.load_state_dict(load_file(str(directory / "head.safetensors")))
     elif layout == "full-state":
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    elif layout == "base+trainable":
+        model = _reapply_strategy(model, loaded, meta, directory)
     else:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(directory / "adapter"))
     model.eval()
     return model, task, labels, meta
+
+
+def _reapply_strategy(model, loaded, meta: dict, directory: Path):
+    """Rebuild a parameter-efficient run: the same strategy on the same base, then its trained tensors."""
+    from .strategies import get_strategy, options_class
+
+    options = options_class(meta["strategy"]).model_validate(meta["strategy_options"])
+    model = get_strategy(options).apply(model, loaded.info)
+    state = load_file(str(directory / "trainable.safetensors"))
+    _, unexpected = model.load_state_dict(state, strict=False)
+    absent = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
+    if unexpected or absent:
+        raise TuneforgeError(f"{directory / 'trainable.safetensors'} does not fit the rebuilt {meta['strategy']} model "
+                             f"(unexpected: {', '.join(unexpected[:3]) or 'none'}; missing: {', '.join(absent[:3]) or 'none'}); "
+                             "was the base model changed since the run? Retrain, or restore the base model")
+    return model
 
 
 class Predictor:

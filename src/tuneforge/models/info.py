@@ -49,41 +49,66 @@ class LoadedModel:
 @dataclass(frozen=True)
 class Family:
     """Per-family facts. ``layers``: dotted paths of the block ModuleList, tried in order
-    (text models; timm models group themselves via ``group_matcher``)."""
+    (text models; timm models group themselves via ``group_matcher``).
+
+    ``attn_out`` / ``mlp_out``: module-name suffixes of each block's attention-output and
+    MLP-output projections, where bottleneck adapters go (Houlsby: both; Pfeiffer: MLP
+    only). A module matching ``attn_out`` is never taken as an MLP output, so BERT's
+    ``output.dense`` does not also catch ``attention.output.dense``.
+    ``ia3_targets``: modules whose *output* IA3 rescales (keys and values); the MLP
+    outputs are IA3's feed-forward modules (their *input* is rescaled, IA3 paper §3).
+    ``unused``: backbone modules a task never calls (BERT's pooler: our classifier pools
+    the token features itself), kept frozen so no strategy reports them as trained.
+    """
 
     modality: str
     lora_targets: tuple[str, ...]
     layers: tuple[str, ...] = ()
+    attn_out: tuple[str, ...] = ()
+    mlp_out: tuple[str, ...] = ()
+    ia3_targets: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
 
 
 _BERT_LORA = ("query", "key", "value", "dense")
 _DECODER_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_BERT_PEFT = dict(attn_out=("attention.output.dense",), mlp_out=("output.dense",), ia3_targets=("key", "value"),
+                  unused=("pooler",))
+_DECODER_PEFT = dict(attn_out=("self_attn.o_proj",), mlp_out=("mlp.down_proj",), ia3_targets=("k_proj", "v_proj"))
 
 # The one table of architecture facts. Keys are HF ``config.model_type`` values or
 # the names ``timm_family`` derives from timm model classes.
 FAMILIES: dict[str, Family] = {
     # --- text encoders (HF AutoModel) ---
-    "bert": Family("text", _BERT_LORA, ("encoder.layer",)),
-    "roberta": Family("text", _BERT_LORA, ("encoder.layer",)),
-    "xlm-roberta": Family("text", _BERT_LORA, ("encoder.layer",)),
-    "camembert": Family("text", _BERT_LORA, ("encoder.layer",)),
-    "electra": Family("text", _BERT_LORA, ("encoder.layer",)),
-    "distilbert": Family("text", ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"), ("transformer.layer",)),
-    "deberta": Family("text", ("in_proj", "dense"), ("encoder.layer",)),
-    "deberta-v2": Family("text", ("query_proj", "key_proj", "value_proj", "dense"), ("encoder.layer",)),
-    "mpnet": Family("text", ("q", "k", "v", "o", "dense"), ("encoder.layer",)),
+    "bert": Family("text", _BERT_LORA, ("encoder.layer",), **_BERT_PEFT),
+    "roberta": Family("text", _BERT_LORA, ("encoder.layer",), **_BERT_PEFT),
+    "xlm-roberta": Family("text", _BERT_LORA, ("encoder.layer",), **_BERT_PEFT),
+    "camembert": Family("text", _BERT_LORA, ("encoder.layer",), **_BERT_PEFT),
+    "electra": Family("text", _BERT_LORA, ("encoder.layer",), **_BERT_PEFT),
+    "distilbert": Family("text", ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"), ("transformer.layer",),
+                         attn_out=("attention.out_lin",), mlp_out=("ffn.lin2",), ia3_targets=("k_lin", "v_lin")),
+    "deberta": Family("text", ("in_proj", "dense"), ("encoder.layer",), **_BERT_PEFT),
+    "deberta-v2": Family("text", ("query_proj", "key_proj", "value_proj", "dense"), ("encoder.layer",),
+                         **{**_BERT_PEFT, "ia3_targets": ("key_proj", "value_proj")}),
+    "mpnet": Family("text", ("q", "k", "v", "o", "dense"), ("encoder.layer",),
+                    attn_out=("attention.attn.o",), mlp_out=("output.dense",), ia3_targets=("k", "v"),
+                    unused=("pooler",)),
     # --- decoders (AutoModel gives the bare transformer) ---
-    "gpt2": Family("text", ("c_attn", "c_proj", "c_fc"), ("h",)),
-    "llama": Family("text", _DECODER_LORA, ("layers",)),
-    "mistral": Family("text", _DECODER_LORA, ("layers",)),
-    "qwen2": Family("text", _DECODER_LORA, ("layers",)),
+    "gpt2": Family("text", ("c_attn", "c_proj", "c_fc"), ("h",),
+                   attn_out=("attn.c_proj",), mlp_out=("mlp.c_proj",), ia3_targets=("c_attn",)),
+    "llama": Family("text", _DECODER_LORA, ("layers",), **_DECODER_PEFT),
+    "mistral": Family("text", _DECODER_LORA, ("layers",), **_DECODER_PEFT),
+    "qwen2": Family("text", _DECODER_LORA, ("layers",), **_DECODER_PEFT),
     # --- image backbones (timm) ---
     # 1x1 convs only for EfficientNet: LoRA on depthwise / "same"-padded strided convs
-    # would not reproduce the base conv's padding.
-    "efficientnet": Family("image", ("conv_pw", "conv_pwl", "conv_head")),
-    "resnet": Family("image", ("conv1", "conv2", "conv3")),
-    "vit": Family("image", ("qkv", "proj", "fc1", "fc2")),
-    "convnext": Family("image", ("fc1", "fc2")),
+    # would not reproduce the base conv's padding. Its "MLP output" is each inverted
+    # residual's 1x1 projection (conv_pwl); adapters there act on channels.
+    "efficientnet": Family("image", ("conv_pw", "conv_pwl", "conv_head"), mlp_out=("conv_pwl",),
+                           ia3_targets=("conv_pw",)),
+    "resnet": Family("image", ("conv1", "conv2", "conv3"), mlp_out=("conv3",), ia3_targets=("conv1",)),
+    "vit": Family("image", ("qkv", "proj", "fc1", "fc2"), attn_out=("attn.proj",), mlp_out=("mlp.fc2",),
+                  ia3_targets=("qkv",)),
+    "convnext": Family("image", ("fc1", "fc2"), mlp_out=("mlp.fc2",)),
 }
 
 # timm model class -> family key above.
@@ -238,3 +263,47 @@ def check_groups(model: nn.Module, layer_groups: list[list[str]]) -> None:
     if sorted(flat) != sorted(names):
         raise AssertionError("layer groups do not partition the backbone parameters")
 
+
+
+# ---------------------------------------------------------------------------
+# adapter / IA3 positions
+
+
+def _matches(name: str, suffixes) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def unused_modules(model: nn.Module, family: str) -> list[str]:
+    """Names of backbone modules the task never calls (``Family.unused``)."""
+    meta = FAMILIES.get(family)
+    return [n for n, _ in model.named_modules() if n and meta and _matches(n, meta.unused)]
+
+
+def adapter_points(model: nn.Module, family: str) -> dict[str, list[str]]:
+    """``{"attention": [...], "mlp": [...]}``: full module names of each block's
+    attention-output and MLP-output projections (empty lists for an unknown family)."""
+    meta = FAMILIES.get(family)
+    points: dict[str, list[str]] = {"attention": [], "mlp": []}
+    if meta is None:
+        return points
+    skip = unused_modules(model, family)
+    for name, _ in model.named_modules():
+        if not name or any(name == u or name.startswith(u + ".") for u in skip):
+            continue
+        if _matches(name, meta.attn_out):
+            points["attention"].append(name)
+        elif _matches(name, meta.mlp_out):
+            points["mlp"].append(name)
+    return points
+
+
+def ia3_points(model: nn.Module, family: str) -> tuple[list[str], list[str]]:
+    """(IA3 target modules, the feed-forward ones among them) as full module names."""
+    meta = FAMILIES.get(family)
+    if meta is None:
+        return [], []
+    skip = unused_modules(model, family)
+    scaled = [n for n, _ in model.named_modules()
+              if n and _matches(n, meta.ia3_targets) and not any(n.startswith(u + ".") for u in skip)]
+    feedforward = adapter_points(model, family)["mlp"]
+    return scaled + feedforward, feedforward

@@ -13,7 +13,8 @@ from ..errors import TuneforgeError, suggest
 from .base import Strategy, describe_trainable, register, registry
 
 # Built-in strategy modules; importing them runs their @register.
-_BUILTIN = ("full", "linear_probe", "partial", "lora")
+_BUILTIN = ("full", "linear_probe", "partial", "lora", "bitfit", "adapters", "ia3", "prompt_tuning",
+            "prefix_tuning")
 
 
 def _load_builtins() -> None:
@@ -35,9 +36,14 @@ def get_strategy(options) -> Strategy:
     return registry[options.name][1](options)
 
 
+def strategy_class(name: str) -> type:
+    options_class(name)  # loads the built-ins; unknown names get the did-you-mean error
+    return registry[name][1]
+
+
 def strategy_names() -> list[str]:
     _load_builtins()
     return sorted(registry)
 
 
-__all__ = ["Strategy", "get_strategy", "options_class", "strategy_names", "register", "describe_trainable"]
+__all__ = ["Strategy", "get_strategy", "options_class", "strategy_class", "strategy_names", "register", "describe_trainable"]

@@ -133,3 +133,58 @@ class FreezingStrategy:
 
     def param_groups(self, model, lr, head_lr, weight_decay):
         return head_and_body_groups(model, lr, head_lr, weight_decay)
+
+
+# --------------------------------------------------------------------------- parameter-efficient strategies
+
+def is_head_param(name: str) -> bool:
+    """The task head, plain (``task_head.``) or as peft's modules_to_save copy (``....task_head....``)."""
+    return name.startswith("task_head.") or ".task_head." in name
+
+
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Put BatchNorm layers whose scale is frozen into eval mode: a frozen backbone's running
+    statistics are part of its weights (and small data would corrupt them)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                module.weight is None or not module.weight.requires_grad):
+            module.eval()
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a parameter-efficient run must save: the parameters that train, by name."""
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def module_listing(backbone: nn.Module, limit: int = 12) -> str:
+    names = [n for n, _ in backbone.named_modules() if n]
+    return ", ".join(names[:limit]) + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+class EfficientStrategy:
+    """Shared by the parameter-efficient strategies (adapters, bitfit, ia3, prompt and prefix
+    tuning): the backbone stays frozen except what the strategy adds or selects; that part
+    trains at ``train.lr`` and the new head at ``train.head_lr``.
+
+    ``save_layout``: ``"trainable"`` saves only the trained tensors next to a reference to the
+    base model (the run reloads by rebuilding the base and re-applying the strategy);
+    ``"peft"`` saves a peft adapter directory. ``mergeable``: the update folds into the base
+    weights (``output.merge``). ``max_text_tokens``: set when the strategy uses up position
+    embeddings of the backbone (virtual tokens), so the task shortens its texts.
+    """
+
+    name = "base"
+    save_layout = "trainable"
+    mergeable = False
+    max_text_tokens: int | None = None
+
+    def __init__(self, options):
+        self.options = options
+        self.adapted: list[str] = []
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        model.train()
+        freeze_norm_statistics(model)
+
+    def param_groups(self, model, lr, head_lr, weight_decay):
+        return head_and_body_groups(model, lr, head_lr, weight_decay, is_head=is_head_param)

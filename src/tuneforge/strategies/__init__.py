@@ -13,7 +13,7 @@ from ..errors import TuneforgeError, suggest
 from .base import Strategy, describe_trainable, register, registry
 
 # Built-in strategy modules; importing them runs their @register.
-_BUILTIN = ("full", "linear_probe", "partial", "lora")
+_BUILTIN = ("full", "linear_probe", "partial", "lora", "gradual_unfreeze", "auto")
 
 
 def _load_builtins() -> None:

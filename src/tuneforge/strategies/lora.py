@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import TuneforgeError
 from ..recipe import NAME_DOC, StrategyOptions
-from .base import head_and_body_groups, register
+from .base import register
 
 
 class LoraOptions(StrategyOptions):
@@ -56,7 +56,3 @@ class Lora:
 
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()
-
-    def param_groups(self, model, lr, head_lr, weight_decay):
-        # peft wraps the head as `...task_head.modules_to_save.default`; LoRA A/B matrices train at `lr`.
-        return head_and_body_groups(model, lr, head_lr, weight_decay, is_head=lambda n: ".task_head." in n)

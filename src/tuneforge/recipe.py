@@ -170,7 +170,7 @@ class Recipe(_Section):
         value = dict(value)
         name = value.setdefault("name", "full")
         if not isinstance(name, str):
-            raise ValueError(f"strategy.name must be a strategy name (full, linear-probe, partial, lora), got {name!r}")
+            raise ValueError(f"strategy.name must be a strategy name (full, linear-probe, partial, lora, ...; see `tuneforge options`), got {name!r}")
         return options_class(name).model_validate(value)
 
     @model_validator(mode="after")

@@ -27,6 +27,14 @@ def finetune(recipe, *, overrides=None, console=None, resume=None, init_from=Non
     return _finetune(recipe, overrides=overrides, console=console, resume=resume, init_from=init_from)
 
 
+def compare(recipe, strategies, *, overrides=None, output=None, isolate=True, console=None):
+    """Run a recipe under each strategy (list or "full,lora,..."); returns a Comparison (.rows, .path,
+    .table()) and writes compare.csv / compare.md in its directory."""
+    from .compare import compare as _compare
+
+    return _compare(recipe, strategies, overrides=overrides, output=output, isolate=isolate, console=console)
+
+
 def load(path, device: str = "cpu"):
     """Load a run (or its model/ directory) as a Predictor with .predict(inputs)."""
     from .saving import Predictor
@@ -34,4 +42,4 @@ def load(path, device: str = "cpu"):
     return Predictor(path, device=device)
 
 
-__all__ = ["Recipe", "TuneforgeError", "finetune", "load", "load_recipe", "__version__"]
+__all__ = ["Recipe", "TuneforgeError", "compare", "finetune", "load", "load_recipe", "__version__"]

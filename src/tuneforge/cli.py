@@ -131,6 +131,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare, print_table
+
+    console = _console()
+    result = compare(args.recipe, args.strategies, overrides=args.set, output=args.output,
+                     isolate=not args.in_process, console=console)
+    print_table(result.rows, console)
+    print(result.path / "compare.md")
+    failed = [r["strategy"] for r in result.rows if r["status"] != "ok"]
+    if failed:
+        console.print(f"[yellow]{len(failed)} of {len(result.rows)} strategies failed[/]: {', '.join(failed)} "
+                      f"(errors in the table; logs in {result.path / 'logs'})")
+    return 0 if len(failed) < len(result.rows) else 1
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -177,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="write JSON lines here instead of stdout")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.set_defaults(fn=cmd_predict)
+
+    c = sub.add_parser("compare", help="run one recipe under several strategies and tabulate the results")
+    c.add_argument("recipe")
+    c.add_argument("--strategies", required=True, help="comma-separated strategy names, e.g. full,lora,linear-probe,partial")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field for every run")
+    c.add_argument("--output", help="compare directory (default runs/compare-<recipe>-<time>)")
+    c.add_argument("--in-process", action="store_true",
+                   help="run the strategies in this process (faster start; peak memory is then not reported)")
+    c.set_defaults(fn=cmd_compare)
 
     o = sub.add_parser("options", help="print every recipe option with its default and description (Markdown)")
     o.set_defaults(fn=cmd_options)

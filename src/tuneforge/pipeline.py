@@ -163,7 +163,7 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
 
     # 2. the model, also before anything is written: a wrong weights path or model
     # directory costs nothing and leaves no half-made run behind
-    model, loaded, strategy = _build_model(recipe, task, labels, device, init_from, log)
+    model, loaded, strategy, decision = _build_model(recipe, task, labels, device, init_from, log, len(splits["train"]))
 
     # 3. the run directory: a new one, or the run being resumed
     checkpoint = None
@@ -189,12 +189,14 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
                             examples={k: len(v) for k, v in splits.items()},
                             skipped={k: [str(x) for x in v] for k, v in skipped.items() if v},
                             init_from=init_from)
+    if decision is not None:
+        run.update_manifest(strategy_decision={k: v for k, v in decision.items() if k != "options"})
 
     # Everything after this point is recorded in the manifest if it fails, so a
     # run directory never looks complete (or silently "running") when it is not.
     trainer = None
     try:
-        trainer, loaders, prep_s = _build_trainer(recipe, task, splits, labels, model, strategy, run, device,
+        trainer, loaders, prep_s = _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, device,
                                                   amp_dtype, console, log)
         if checkpoint is not None:
             from .engine.checkpoint import load_resumable, restore_rng
@@ -248,7 +250,7 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
     return Run(path=run.path, metrics=final, recipe=recipe, history=state.evals)
 
 
-def _build_model(recipe, task, labels, device, init_from, log):
+def _build_model(recipe, task, labels, device, init_from, log, n_train):
     """Pretrained backbone -> task head -> (warm start) -> strategy."""
     from .models import load_model
     from .strategies import describe_trainable, get_strategy
@@ -268,6 +270,13 @@ def _build_model(recipe, task, labels, device, init_from, log):
 
         warm_start(model, init_from, labels, log)
     strategy = get_strategy(recipe.strategy)
+    decision = None
+    if hasattr(strategy, "decide"):  # `auto`: pick a concrete strategy from the facts of this run
+        decision = strategy.decide({"train_examples": n_train, "classes": len(labels.names), "device": str(device),
+                                    "parameters": sum(p.numel() for p in model.parameters()),
+                                    "modality": loaded.info.modality, "train": recipe.train.model_dump()})
+        log(f"auto: {decision['paragraph']}")
+        strategy = get_strategy(decision["options"])
     model = strategy.apply(model, loaded.info)
     limit = getattr(strategy, "max_text_tokens", None)
     if limit and getattr(task, "max_length", None) and task.max_length > limit:
@@ -285,7 +294,7 @@ def _build_model(recipe, task, labels, device, init_from, log):
     adapted = getattr(strategy, "adapted", [])
     if adapted:
         log(f"adapted modules ({len(adapted)}): " + ", ".join(adapted[:6]) + (" ..." if len(adapted) > 6 else ""))
-    return model, loaded, strategy
+    return model, loaded, strategy, decision
 
 
 def _channels_last(recipe, modality: str, device) -> bool:
@@ -302,7 +311,7 @@ def _compile(model, task, log) -> None:
     log("torch.compile: the backbone compiles on its first batches (train.compile)")
 
 
-def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, amp_dtype, console, log):
+def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, device, amp_dtype, console, log):
     """Batches (texts tokenised here, once), optimizer, schedule, callbacks."""
     from .engine.callbacks import BestCheckpoint, EarlyStopping, MetricsLog, ResumeCheckpoint
     from .engine.optim import build_optimizer, build_scheduler
@@ -338,9 +347,19 @@ def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, a
     if any(truncated.values()):
         log(f"[yellow]truncated to {task.max_length} tokens[/]: " + ", ".join(f"{k} {v}" for k, v in truncated.items() if v)
             + " text(s) (set task.max_length to change)")
-    head_lr = cfg.head_lr or cfg.lr
-    optimizer = build_optimizer(strategy.param_groups(model, cfg.lr, head_lr, cfg.weight_decay), device)
-    # Order matters: the resumable checkpoint records the state the others leave.
+    from .strategies.base import describe_lrs, param_groups
+
+    will_train = getattr(strategy, "will_train", None)
+    groups = param_groups(model, loaded.info, cfg, will_train(model) if will_train else None)
+    optimizer = build_optimizer(groups, device)
+    log(describe_lrs(groups, loaded.info))
+    run.update_manifest(parameters={"trainable": sum(p.numel() for g in groups for p in g["params"]),
+                                    "total": sum(p.numel() for p in model.parameters())},
+                        param_groups=[{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
+                                       "parameters": sum(p.numel() for p in g["params"])} for g in groups])
+    # Order matters: the strategy's events first (an unfreeze happens before the step's
+    # checkpoint), and the resumable checkpoint records the state the others leave.
+    strategy_callbacks = getattr(strategy, "callbacks", None)
     callbacks = [MetricsLog(run.metrics_path, cfg.log_every),
                  BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.early_stopping.min_delta)]
     if cfg.early_stopping.patience:
@@ -353,9 +372,13 @@ def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, a
                       amp_dtype=amp_dtype, metrics_factory=lambda: task.metrics(labels), callbacks=callbacks)
     trainer.channels_last = _channels_last(recipe, task.modality, device)
     trainer.replay = replay  # removed when the run ends (pipeline's finally)
-    trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps, cfg.warmup)
+    if strategy_callbacks:
+        trainer.callbacks[:0] = strategy_callbacks(trainer, log)
+    trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps, cfg.warmup,
+                                        wrap=getattr(strategy, "wrap_schedule", None) and
+                                        (lambda fn: strategy.wrap_schedule(fn, trainer)))
     log(f"training: {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), batch {cfg.batch_size}"
-        f"x{cfg.grad_accum}, lr {cfg.lr:g} (head {head_lr:g}), {precision_name(amp_dtype)} on {device}")
+        f"x{cfg.grad_accum}, {precision_name(amp_dtype)} on {device}")
     return trainer, loaders, prep_s
 
 

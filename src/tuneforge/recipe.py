@@ -79,8 +79,8 @@ class DataSection(_Section):
         return value or getattr(self, f"{role}_column")
 
 
-NAME_DOC = ("How the pretrained model is adapted: full, linear-probe, partial, lora, bitfit, adapters, ia3, "
-            "prompt-tuning, prefix-tuning.")
+NAME_DOC = ("How the pretrained model is adapted: full, linear-probe, partial, gradual-unfreeze, lora, bitfit, adapters, "
+            "ia3, prompt-tuning, prefix-tuning, or auto (see the Strategies section).")
 
 
 class StrategyOptions(_Section):
@@ -104,6 +104,8 @@ class TrainSection(_Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(5e-5, gt=0, description="Peak learning rate of the backbone (low: the weights are already good).")
     head_lr: Optional[float] = Field(None, gt=0, description="Learning rate of the new head (it starts from random, so it may take a higher rate); default: lr.")
+    layer_decay: Optional[float] = Field(None, gt=0, le=1, description="Layer-wise learning-rate decay (BEiT/timm), any strategy: backbone layer group i of n trains at lr * layer_decay^(n-i), so lower layers move less; e.g. 0.75.")
+    lr_range: Optional[tuple[float, float]] = Field(None, description="Discriminative learning rates (fastai's slice(lo, hi)), any strategy: [lo, hi] spread geometrically from the lowest backbone layer group to the top one (replaces lr for the backbone); the head takes head_lr, default hi.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms).")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
     warmup: float = Field(0.06, ge=0, description="Warmup: a fraction of total steps if < 1, else a number of steps.")
@@ -124,6 +126,17 @@ class TrainSection(_Section):
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="Image models: keep weights and images in channels-last (NHWC) memory layout. auto = on for CUDA (faster convolutions with bf16/fp16 tensor cores), off on CPU (measured no faster there: PERFORMANCE.md).")
     compile: bool = Field(False, description="torch.compile the backbone (in place; saved weights keep their names). Opt-in: compiling takes tens of seconds to minutes, which only pays off on long runs; text batches of varying length compile with dynamic shapes.")
     progress: bool = Field(True, description="Show progress bars.")
+
+    @model_validator(mode="after")
+    def _rates(self) -> "TrainSection":
+        if self.layer_decay is not None and self.lr_range is not None:
+            raise ValueError("train.layer_decay and train.lr_range both set the backbone's per-layer learning "
+                             "rates; keep one of them")
+        if self.lr_range is not None:
+            lo, hi = self.lr_range
+            if not 0 < lo <= hi:
+                raise ValueError(f"train.lr_range must be [lo, hi] with 0 < lo <= hi (e.g. [1e-5, 1e-3]), got {[lo, hi]}")
+        return self
 
     @property
     def minimize(self) -> bool:
@@ -164,7 +177,7 @@ class Recipe(_Section):
         value = dict(value)
         name = value.setdefault("name", "full")
         if not isinstance(name, str):
-            raise ValueError(f"strategy.name must be a strategy name (full, linear-probe, partial, lora, ...), got {name!r}")
+            raise ValueError(f"strategy.name must be a strategy name (full, linear-probe, partial, lora, ...; see `tuneforge options`), got {name!r}")
         return options_class(name).model_validate(value)
 
     @model_validator(mode="after")

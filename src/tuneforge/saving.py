@@ -39,7 +39,7 @@ def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe
         "modality": info.modality,
         "family": info.family,
         "feature_dim": info.feature_dim,
-        "strategy": recipe.strategy.name,
+        "strategy": strategy.name,  # the concrete one (`auto` records what it chose)
         "base_model": recipe.model.model_dump(mode="json"),
         "base_spec": info.spec,
         "task_settings": task.settings(),

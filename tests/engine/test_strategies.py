@@ -7,7 +7,7 @@ import torch
 from tuneforge.models import load_model
 from tuneforge.recipe import load_recipe
 from tuneforge.strategies import get_strategy
-from tuneforge.strategies.base import count_params
+from tuneforge.strategies.base import count_params, param_groups
 from tuneforge.tasks.base import Classifier
 
 
@@ -67,7 +67,8 @@ def test_param_groups_separate_head_lr_and_no_decay(tiny_bert_dir):
     model, loaded = _model(tiny_bert_dir)
     strategy = _strategy(name="full")
     model = strategy.apply(model, loaded.info)
-    groups = strategy.param_groups(model, lr=1e-4, head_lr=1e-3, weight_decay=0.01)
+    train = load_recipe({"train": {"lr": 1e-4, "head_lr": 1e-3, "weight_decay": 0.01}}).train
+    groups = param_groups(model, loaded.info, train)
     by_name = {g["name"]: g for g in groups}
     assert by_name["head"]["lr"] == 1e-3 and by_name["backbone"]["lr"] == 1e-4
     assert by_name["backbone.no_decay"]["weight_decay"] == 0.0

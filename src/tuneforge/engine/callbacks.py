@@ -98,7 +98,7 @@ class BestCheckpoint(Callback):
         if trainer.state.last_improved:
             self.best, self.best_step = value, trainer.state.step
             trainer.state.best_metric, trainer.state.best_step = value, trainer.state.step
-            save_checkpoint(self.dir / "best", trainer.model,
+            save_checkpoint(self.dir / "best", trainer.model, names=trainer.optimized_names,
                             meta={"step": trainer.state.step, "epoch": trainer.state.epoch_float,
                                   self.metric: value, "metrics": {k: v for k, v in metrics.items()}})
 
@@ -121,7 +121,8 @@ class ResumeCheckpoint(Callback):
         s = trainer.state
         path = self.dir / f"step-{s.step:08d}"
         save_checkpoint(path, trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-                        scaler=trainer.scaler, meta=trainer.checkpoint_meta(), with_rng=True)
+                        scaler=trainer.scaler, meta=trainer.checkpoint_meta(), with_rng=True,
+                        names=trainer.optimized_names)
         s.last_checkpoint_step = s.step
         older = sorted(p for p in self.dir.glob("step-*") if p != path)
         for stale in older[: max(0, len(older) - (self.keep - 1))]:

@@ -36,8 +36,11 @@ class CheckpointWriteError(TuneforgeError):
     """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: torch.nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """``names``: the parameters that may train (the optimizer's); default those with requires_grad.
+    A strategy that unfreezes later (gradual-unfreeze) needs the former: a checkpoint taken while a
+    group is still frozen must still hold it, or restoring the best weights would mix steps."""
+    keep = set(names) if names is not None else {n for n, p in model.named_parameters() if p.requires_grad}
     keep |= {n for n, _ in model.named_buffers()}
     # state_dict() leaves out non-persistent buffers (e.g. BERT's position_ids).
     return {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items() if k in keep}
@@ -99,14 +102,14 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, *, optimizer=None, scheduler=None, scaler=None,
-                    meta: dict, with_rng: bool = False) -> Path:
+                    meta: dict, with_rng: bool = False, names: set[str] | None = None) -> Path:
     """Write ``directory`` atomically; on failure remove the partial copy and raise CheckpointWriteError."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable_state(model, names), str(tmp / "trainable.safetensors"))
         if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,

@@ -34,6 +34,9 @@ def schedule_fn(kind: str, total_steps: int, warmup_steps: int):
     return fn
 
 
-def build_scheduler(optimizer, kind: str, total_steps: int, warmup: float):
+def build_scheduler(optimizer, kind: str, total_steps: int, warmup: float, wrap=None):
+    """``wrap(fn) -> fn``: a strategy's reshaping of the multiplier (e.g. re-warmup per stage).
+    The multiplier stays a pure function of the step, so a resumed run's schedule is exact."""
     warmup_steps = int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn(kind, total_steps, warmup_steps))
+    fn = schedule_fn(kind, total_steps, warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, wrap(fn) if wrap else fn)

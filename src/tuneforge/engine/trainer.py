@@ -51,6 +51,9 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.cfg, self.device, self.amp_dtype = cfg, device, amp_dtype
         self.metrics_factory = metrics_factory
+        # Checkpoints hold what the optimizer holds: every parameter that trains at any point.
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self.optimized_names = {n for n, p in model.named_parameters() if id(p) in held}
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.micro_per_epoch = len(train_loader.batch_sampler)

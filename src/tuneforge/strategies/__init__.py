@@ -13,8 +13,8 @@ from ..errors import TuneforgeError, suggest
 from .base import Strategy, describe_trainable, register, registry
 
 # Built-in strategy modules; importing them runs their @register.
-_BUILTIN = ("full", "linear_probe", "partial", "lora", "bitfit", "adapters", "ia3", "prompt_tuning",
-            "prefix_tuning")
+_BUILTIN = ("full", "linear_probe", "partial", "lora", "gradual_unfreeze", "auto", "bitfit", "adapters", "ia3",
+            "prompt_tuning", "prefix_tuning")
 
 
 def _load_builtins() -> None:

@@ -34,8 +34,13 @@ class Strategy(Protocol):
     def apply(self, model: nn.Module, info) -> nn.Module:
         """Freeze / inject / wrap. Returns the model to train (may be a wrapper)."""
 
-    def param_groups(self, model: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-        """Optimizer parameter groups (each with its own lr)."""
+    # Optional hooks (looked up with getattr; a strategy defines only what it needs):
+    #   will_train(model) -> set[str]: parameter names the optimizer must hold from the start
+    #       (default: those with requires_grad); gradual-unfreeze adds groups it unfreezes later.
+    #   callbacks(trainer, log) -> list[Callback]: events the strategy needs during training.
+    #   wrap_schedule(fn, trainer) -> fn: reshape the lr multiplier (per-stage re-warmup).
+    # Optimizer parameter groups (learning rates per layer group) are built for every
+    # strategy by `param_groups` below, from ModelInfo layer groups, never per strategy.
 
     def set_train_mode(self, model: nn.Module) -> None:
         """``model.train()``, keeping frozen parts in eval mode (BatchNorm statistics, dropout)."""
@@ -81,6 +86,115 @@ def split_decay(named: list[tuple[str, torch.Tensor]], lr: float, weight_decay: 
     if plain:
         groups.append({"params": plain, "lr": lr, "weight_decay": 0.0, "name": f"{tag}.no_decay"})
     return groups
+
+
+def is_head(name: str) -> bool:
+    # peft wraps the head as `base_model.model.task_head.modules_to_save.default.*`
+    return name.startswith("task_head.") or ".task_head." in name
+
+
+def _backbone_path(name: str) -> str | None:
+    """``backbone.x.y`` (or peft's ``base_model.model.backbone.x.y``) -> ``x.y``; None outside the backbone."""
+    if name.startswith("backbone."):
+        return name[len("backbone."):]
+    i = name.find(".backbone.")
+    return name[i + len(".backbone."):] if i >= 0 else None
+
+
+def group_finder(layer_groups: list[list[str]]):
+    """A function from a backbone parameter path to its layer-group index (None if in no group).
+    Injected parameters (``...query.lora_A.default.weight``) fall in the group of the module they sit in."""
+    table = {entry: i for i, group in enumerate(layer_groups) for entry in group}
+
+    def find(path: str) -> int | None:
+        parts = path.split(".")
+        for k in range(len(parts), 0, -1):
+            i = table.get(".".join(parts[:k]))
+            if i is not None:
+                return i
+        return table.get("")
+
+    return find
+
+
+def layer_lrs(n_groups: int, lr: float, layer_decay: float | None = None,
+              lr_range: tuple[float, float] | None = None) -> list[float]:
+    """Learning rate of each backbone layer group, stem (0) to top (n-1).
+
+    ``layer_decay``: group i of n gets ``lr * decay**(n - i)``, the head ``decay**0`` (BEiT §2.4,
+    timm's ``param_groups_layer_decay``). ``lr_range=(lo, hi)``: geometric from ``lo`` at the stem
+    to ``hi`` at the top group, fastai's ``slice(lo, hi)``. Neither: every group at ``lr``.
+    """
+    if layer_decay is not None:
+        return [lr * layer_decay ** (n_groups - i) for i in range(n_groups)]
+    if lr_range is not None:
+        lo, hi = lr_range
+        if n_groups == 1:
+            return [hi]
+        return [lo * (hi / lo) ** (i / (n_groups - 1)) for i in range(n_groups)]
+    return [lr] * n_groups
+
+
+def param_groups(model: nn.Module, info, train, will_train: set[str] | None = None) -> list[dict]:
+    """Optimizer parameter groups for any strategy, from ModelInfo layer groups.
+
+    Every trainable parameter (or every name in ``will_train``) lands in exactly one group:
+    the head at ``train.head_lr``; backbone parameters (pretrained or injected adapters) at
+    their layer group's rate (``layer_lrs``); biases and norms without weight decay. With one
+    rate for the whole backbone the groups are ``backbone``/``head`` (fewer fused-AdamW calls).
+    """
+    names = will_train if will_train is not None else {n for n, p in model.named_parameters() if p.requires_grad}
+    layer_decay, lr_range = getattr(train, "layer_decay", None), getattr(train, "lr_range", None)
+    rates = layer_lrs(len(info.layer_groups), train.lr, layer_decay, lr_range)
+    uniform = layer_decay is None and lr_range is None
+    head_lr = train.head_lr or (lr_range[1] if lr_range else train.lr)
+    find = group_finder(info.layer_groups)
+    buckets: dict[str, tuple[float, list]] = {}
+    for n, p in model.named_parameters():
+        if n not in names:
+            continue
+        if is_head(n):
+            tag, lr = "head", head_lr
+        else:
+            path = _backbone_path(n)
+            i = find(path) if path is not None else None
+            if uniform:
+                tag, lr = "backbone", train.lr
+            elif i is None:  # trainable but in no layer group (e.g. a prompt outside the backbone)
+                tag, lr = "other", rates[-1]
+            else:
+                tag, lr = f"backbone.{i}", rates[i]
+        buckets.setdefault(tag, (lr, []))[1].append((n, p))
+
+    def order(tag: str) -> tuple:
+        return (tag == "head", tag == "other", int(tag.split(".")[1]) if tag.startswith("backbone.") else -1)
+
+    groups = []
+    for tag in sorted(buckets, key=order):
+        lr, named = buckets[tag]
+        groups += _split(named, lr, train.weight_decay, tag)
+    return groups
+
+
+def _split(named, lr, weight_decay, tag) -> list[dict]:
+    decay = [p for n, p in named if not _no_decay(n, p)]
+    plain = [p for n, p in named if _no_decay(n, p)]
+    return ([{"params": decay, "lr": lr, "weight_decay": weight_decay, "name": tag}] if decay else []) + \
+           ([{"params": plain, "lr": lr, "weight_decay": 0.0, "name": f"{tag}.no_decay"}] if plain else [])
+
+
+def describe_lrs(groups: list[dict], info) -> str:
+    """One line: each layer group's learning rate, named by its first module."""
+    seen: dict[str, float] = {}
+    for g in groups:
+        seen.setdefault(g["name"].removesuffix(".no_decay"), g["lr"])
+    parts = []
+    for tag, lr in seen.items():
+        if tag.startswith("backbone."):
+            first = info.layer_groups[int(tag.split(".")[1])]
+            tag = f"{tag.split('.')[1]}:{first[0]}{'+' if len(first) > 1 else ''}"
+        parts.append(f"{tag} {lr:.3g}")
+    return "learning rates: " + ", ".join(parts)
 
 
 def head_and_body_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float,
@@ -130,10 +244,6 @@ class FreezingStrategy:
         # deterministic, which later allows caching their activations.
         for module in modules_of(model, self.frozen):
             module.eval()
-
-    def param_groups(self, model, lr, head_lr, weight_decay):
-        return head_and_body_groups(model, lr, head_lr, weight_decay)
-
 
 # --------------------------------------------------------------------------- parameter-efficient strategies
 
@@ -185,6 +295,3 @@ class EfficientStrategy:
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()
         freeze_norm_statistics(model)
-
-    def param_groups(self, model, lr, head_lr, weight_decay):
-        return head_and_body_groups(model, lr, head_lr, weight_decay, is_head=is_head_param)

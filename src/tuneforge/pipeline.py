@@ -214,7 +214,7 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
                                  f"continue with: {command}")
         if state.stop_reason:
             log(state.stop_reason)
-        final = _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run)
+        final = _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, splits)
         from .engine.throughput import peak_memory
 
         eval_s = sum(e.get("eval_seconds", 0.0) for e in state.evals)
@@ -323,7 +323,7 @@ def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, a
     return trainer, loaders, prep_s
 
 
-def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run) -> dict:
+def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, splits=None) -> dict:
     """Best weights -> final evaluation -> saved model."""
     from .engine.checkpoint import load_checkpoint_weights
     from .saving import save_model
@@ -334,11 +334,25 @@ def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run
     if "test" in loaders:
         final["test"] = trainer.evaluate(loaders["test"], "test")
     final["labels"] = labels.names
+    for split in ("validation", "test"):
+        if split in final and splits:
+            _name_examples(final[split].get("confidently_wrong", []), splits[split])
     run.write_json("eval.json", final)
     if recipe.output.save_model:
         save_model(run.model_dir, model=model, loaded=loaded, strategy=strategy, labels=labels, task=task,
                    recipe=recipe)
     return final
+
+
+def _name_examples(wrong: list[dict], records: list) -> None:
+    """Give each confidently-wrong example its input (text, or image path) and row, for the report."""
+    for item in wrong:
+        record = records[item["index"]]
+        item["where"] = record.where
+        if "text" in record.values:
+            item["text"] = str(record.values["text"])[:500]
+        if isinstance(record.values.get("image"), str):  # a path (parquet may hold raw bytes: left out)
+            item["image"] = record.values["image"]
 
 
 def _info_json(info) -> dict:

@@ -112,7 +112,7 @@ class TrainSection(_Section):
     deterministic: bool = Field(False, description="Use deterministic algorithms (slower; bit-exact repeat runs).")
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate every N optimizer steps; default once per epoch.")
     log_every: int = Field(10, ge=1, description="Write a training-loss line to metrics.jsonl every N optimizer steps.")
-    metric_for_best: str = Field("accuracy", description="Validation metric that picks the best checkpoint and drives early stopping (e.g. accuracy, f1_macro, loss).")
+    metric_for_best: str = Field("accuracy", description="Validation metric that picks the best checkpoint and drives early stopping: loss, accuracy, subset_accuracy (multi-label), precision/recall/f1 _macro/_micro/_weighted, roc_auc, ece (loss and ece are minimised).")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping on metric_for_best.")
     save_every: Optional[int] = Field(None, ge=1, description="Also write a checkpoint every N optimizer steps (the best one is always kept).")
     keep_checkpoints: int = Field(2, ge=1, description="Periodic checkpoints kept on disk (oldest removed first).")
@@ -122,7 +122,9 @@ class TrainSection(_Section):
 
     @property
     def minimize(self) -> bool:
-        return self.metric_for_best.endswith("loss")
+        from .evaluation.names import lower_is_better
+
+        return lower_is_better(self.metric_for_best)
 
 
 class OutputSection(_Section):
@@ -175,6 +177,9 @@ class Recipe(_Section):
                 f"model '{self.model.name}' is a {alias.modality} model but task.type is {self.task.type}; "
                 f"use {'an' if wanted == 'image' else 'a'} {wanted} model (e.g. {', '.join(others)}) or change task.type"
             )
+        from .evaluation.names import check_metric_name
+
+        check_metric_name(self.train.metric_for_best, self.task.multi_label)
         if self.train.eval_batch_size is None:
             self.train.eval_batch_size = 2 * self.train.batch_size
         return self

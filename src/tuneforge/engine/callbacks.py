@@ -73,7 +73,7 @@ class MetricsLog(Callback):
     def on_eval_end(self, trainer, metrics: dict) -> None:
         s = trainer.state
         self.write({"event": "eval", "split": "validation", "step": s.step, "epoch": round(s.epoch_float, 4),
-                    **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
+                    **{k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float))}})
 
 
 class BestCheckpoint(Callback):
@@ -94,6 +94,10 @@ class BestCheckpoint(Callback):
             valid = ", ".join(k for k, v in metrics.items() if isinstance(v, float))
             raise TuneforgeError(f"train.metric_for_best '{self.metric}' is not a validation metric; choose one of: {valid}")
         value = metrics[self.metric]
+        if value is None:  # e.g. roc_auc on a validation split that lacks a class
+            raise TuneforgeError(f"train.metric_for_best '{self.metric}' is undefined on this validation split "
+                                 "(some class has no examples, or every example); pick another metric or a "
+                                 "validation split that holds every class")
         trainer.state.last_improved = self.improved(value)
         if trainer.state.last_improved:
             self.best, self.best_step = value, trainer.state.step

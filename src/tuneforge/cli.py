@@ -131,6 +131,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .reproduce import render, reproduce
+
+    result = reproduce(args.run_dir, output=args.output, console=_console())
+    print(render(result))
+    return 0 if result["ok"] else 1
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -177,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="write JSON lines here instead of stdout")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.set_defaults(fn=cmd_predict)
+
+    rp = sub.add_parser("reproduce", help="run a finished run again from its record and compare the metrics")
+    rp.add_argument("run_dir")
+    rp.add_argument("--output", default=None, help="new run directory (default RUN_DIR-repro-<stamp>)")
+    rp.set_defaults(fn=cmd_reproduce)
 
     o = sub.add_parser("options", help="print every recipe option with its default and description (Markdown)")
     o.set_defaults(fn=cmd_options)

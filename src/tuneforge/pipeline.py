@@ -30,7 +30,15 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        import os
+
+        # cuBLAS needs a fixed workspace to be deterministic (CUDA docs, "Results reproducibility");
+        # it is read when cuBLAS starts, so set it before the first CUDA matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    # Set both ways: an earlier deterministic run in this process must not leak into this one.
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 @dataclass
@@ -189,6 +197,11 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
                             examples={k: len(v) for k, v in splits.items()},
                             skipped={k: [str(x) for x in v] for k, v in skipped.items() if v},
                             init_from=init_from)
+        from .provenance import record
+
+        run.update_manifest(reproducibility=record(recipe, origin=origin, argv=argv, device=device,
+                                                   precision=precision_name(amp_dtype), source=loaded.info.source,
+                                                   init_from=init_from))
 
     # Everything after this point is recorded in the manifest if it fails, so a
     # run directory never looks complete (or silently "running") when it is not.

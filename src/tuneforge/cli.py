@@ -131,6 +131,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .evaluation.report import write_comparison, write_report
+
+    if len(args.run_dirs) == 1 and not args.out:
+        print(write_report(args.run_dirs[0]))
+    else:
+        print(write_comparison(args.run_dirs, args.out or "comparison.html"))
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .reproduce import render, reproduce
 
@@ -185,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="write JSON lines here instead of stdout")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.set_defaults(fn=cmd_predict)
+
+    rep = sub.add_parser("report", help="(re)write a run's report.html, or compare several runs side by side")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", default=None, help="comparison page to write (default comparison.html)")
+    rep.set_defaults(fn=cmd_report)
 
     rp = sub.add_parser("reproduce", help="run a finished run again from its record and compare the metrics")
     rp.add_argument("run_dir")

@@ -239,9 +239,11 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
                    "train_flops_per_" + ("token" if state.positions else "example"): trainer.flops_per_unit}
         log("speed: " + ", ".join(f"{k} {v}" for k, v in timings.items() if k in (
             "samples_per_s", "tokens_per_s", "padding_fraction", "mfu", "peak_rss_mb")))
+        from .evaluation.report import parameter_summary
+
         run.update_manifest(status="completed", steps=state.step, best_step=final["best_step"], timings=timings,
                             task_settings=task.settings(), model_info=_info_json(loaded.info),
-                            skipped_nonfinite=state.skipped_nonfinite)
+                            skipped_nonfinite=state.skipped_nonfinite, parameters=parameter_summary(model))
     except RunInterrupted:
         raise
     except BaseException as err:
@@ -255,7 +257,21 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
                 "or task.image_size, or use a lighter strategy (lora, linear-probe)"
                 + (f"; the last checkpoint (step {last}) resumes with --resume {run.path}" if last else "")) from err
         raise
+    if recipe.output.report:
+        _write_report(run.path, log)
     return Run(path=run.path, metrics=final, recipe=recipe, history=state.evals)
+
+
+def _write_report(path: Path, log) -> None:
+    """A report failure never costs a finished run: the model and eval.json are already saved."""
+    from .evaluation.report import write_report
+
+    t0 = time.perf_counter()
+    try:
+        log(f"report: {write_report(path)} ({time.perf_counter() - t0:.1f}s)")
+    except Exception as err:  # noqa: BLE001 - any failure here is reported, never raised
+        log(f"[yellow]warning: the report could not be written ({type(err).__name__}: {err}); the run is complete "
+            f"— try again with `tuneforge report {path}`[/]")
 
 
 def _build_model(recipe, task, labels, device, init_from, log):

@@ -132,6 +132,7 @@ class OutputSection(_Section):
     name: Optional[str] = Field(None, description="Run name used in the default directory.")
     overwrite: bool = Field(False, description="Allow writing into a directory that already holds a run.")
     save_model: bool = Field(True, description="Write the final model (best checkpoint) into <run>/model.")
+    report: bool = Field(True, description="Write <run>/report.html (self-contained) and the figures as PNGs in <run>/report/ at the end of the run.")
 
 
 class Recipe(_Section):

@@ -131,6 +131,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_cv(args) -> int:
+    from .cv import cross_validate, render
+
+    summary = cross_validate(args.recipe, folds=args.folds, group_column=args.group_column, overrides=args.set,
+                             output=args.output, console=_console())
+    print(render(summary))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .evaluation.report import write_comparison, write_report
 
@@ -195,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="write JSON lines here instead of stdout")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.set_defaults(fn=cmd_predict)
+
+    cv = sub.add_parser("cv", help="k-fold cross-validation: one run per fold and mean ± std of every metric")
+    cv.add_argument("recipe")
+    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    cv.add_argument("--group-column", default=None,
+                    help="column of group ids: grouped, stratified folds (no group in both train and validation)")
+    cv.add_argument("--set", action="append", metavar="KEY=VALUE")
+    cv.add_argument("--output", default=None, help="directory for the fold runs (default runs/<name>-cv-<stamp>)")
+    cv.set_defaults(fn=cmd_cv)
 
     rep = sub.add_parser("report", help="(re)write a run's report.html, or compare several runs side by side")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

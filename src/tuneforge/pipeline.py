@@ -343,6 +343,10 @@ def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, a
     callbacks.append(ResumeCheckpoint(run.checkpoints, cfg.save_every, cfg.keep_checkpoints))
     if cfg.progress:
         callbacks.append(RichProgress(console))
+    if recipe.retain.data:
+        from .evaluation.forgetting import RetainMonitor
+
+        callbacks.insert(0, RetainMonitor(task, recipe, run.path / "retain_reference.pt"))  # first: adds metrics
     trainer = Trainer(model=model, task=task, strategy=strategy, optimizer=optimizer, scheduler=None,
                       train_loader=loaders["train"], val_loader=loaders["validation"], cfg=cfg, device=device,
                       amp_dtype=amp_dtype, metrics_factory=lambda: task.metrics(labels), callbacks=callbacks)
@@ -363,6 +367,9 @@ def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run
     if "test" in loaders:
         final["test"] = trainer.evaluate(loaders["test"], "test")
     final["labels"] = labels.names
+    for cb in trainer.callbacks:
+        if hasattr(cb, "summary"):  # forgetting (retain.data)
+            final["forgetting"] = cb.summary(final["best_step"])
     for split in ("validation", "test"):
         if split in final and splits:
             _name_examples(final[split].get("confidently_wrong", []), splits[split])

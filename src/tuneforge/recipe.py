@@ -127,6 +127,16 @@ class TrainSection(_Section):
         return lower_is_better(self.metric_for_best)
 
 
+class RetainSection(_Section):
+    data: Optional[str] = Field(None, description="Inputs on which forgetting is measured before training and at every evaluation (a file like data.train, or an image folder/manifest); labels optional.")
+    text_column: Optional[str] = Field(None, description="Text column of retain.data; default data.text_column.")
+    image_column: Optional[str] = Field(None, description="Image-path column of a retain.data manifest; default data.image_column.")
+    label_column: Optional[str] = Field(None, description="Label column of retain.data; needed with retain.head_from.")
+    head_from: Optional[str] = Field(None, description="Run directory of an earlier task (fine-tuning in sequence): its head and labels score retain.data on the current backbone, and the accuracy drop is the forgetting.")
+    max_rows: int = Field(512, ge=1, description="Use at most this many retain examples (the features of the starting model are kept in memory).")
+    max_drop: Optional[float] = Field(None, ge=0, description="Forgetting budget: an evaluation whose forgetting (retain accuracy drop with head_from, else 1 - linear CKA) exceeds it cannot become the best checkpoint.")
+
+
 class OutputSection(_Section):
     dir: Optional[str] = Field(None, description="Run directory; default runs/<recipe name>-<timestamp>.")
     name: Optional[str] = Field(None, description="Run name used in the default directory.")
@@ -143,6 +153,7 @@ class Recipe(_Section):
     data: DataSection = Field(default_factory=DataSection, description="Where the examples come from.")
     strategy: StrategyOptions = Field(default_factory=StrategyOptions, description="Which parameters train, and how.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
+    retain: RetainSection = Field(default_factory=RetainSection, description="Forgetting: what the model should keep knowing.")
     output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
 
     @field_validator("strategy", mode="before")
@@ -181,6 +192,11 @@ class Recipe(_Section):
         from .evaluation.names import check_metric_name
 
         check_metric_name(self.train.metric_for_best, self.task.multi_label)
+        r = self.retain
+        if r.data is None and (r.head_from or r.max_drop is not None or r.label_column):
+            raise ValueError("retain.head_from / max_drop / label_column need retain.data: the inputs to measure on")
+        if r.head_from and not r.label_column:
+            raise ValueError("retain.head_from scores labelled data: set retain.label_column")
         if self.train.eval_batch_size is None:
             self.train.eval_batch_size = 2 * self.train.batch_size
         return self

@@ -115,6 +115,23 @@ def calibration(bins: list[dict], ece: float | None) -> bytes | None:
     return _png(fig)
 
 
+def forgetting(history: list[dict], before: dict | None) -> bytes | None:
+    """Retain figures against the step: similarity to the starting backbone, and the earlier task's accuracy."""
+    if not history:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    steps = [h["step"] for h in history]
+    for key, label in (("retain_cka", "linear CKA"), ("retain_cosine", "mean cosine"),
+                       ("retain_accuracy", "earlier task's accuracy")):
+        if key in history[0]:
+            ax.plot(steps, [h[key] for h in history], "o-", label=label)
+    if before and "accuracy" in before:
+        ax.axhline(before["accuracy"], color="grey", ls="--", lw=1, label="its accuracy before")
+    ax.set_xlabel("step"), ax.set_ylabel("retained"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def speed(train: list[dict]) -> bytes | None:
     """Throughput and peak memory over the run, from the training log lines."""
     pts = [e for e in train if e.get("samples_per_s") is not None]

@@ -148,6 +148,18 @@ def _thumb_grid(pngs: list[bytes]) -> bytes | None:
         return None
 
 
+def _forgetting(f: dict, fig) -> str:
+    keys = [k for k in ("retain_cka", "retain_cosine", "retain_accuracy", "retain_accuracy_drop", "forgetting")
+            if f.get("history") and k in f["history"][0]]
+    best = f.get("at_best") or {}
+    budget = (f"; budget retain.max_drop {f['max_drop']} {'met' if f.get('budget_met') else 'NOT met'}"
+              if f.get("max_drop") is not None else "")
+    return (f"<p>{_e(f.get('measure'))} on {f.get('examples')} examples; at the best step "
+            f"{best.get('step')}: forgetting {_fmt(best.get('forgetting'))}{_e(budget)}</p>"
+            + fig("forgetting", "forgetting", "")
+            + _table(["step", *keys], [[h["step"], *[h.get(k) for k in keys]] for h in f.get("history", [])]))
+
+
 def _pre(data) -> str:
     text = data if isinstance(data, str) else json.dumps(data, indent=2, default=str)
     return f"<pre>{_e(text)}</pre>"
@@ -171,6 +183,9 @@ def write_report(run_dir) -> Path:
         "calibration": figures.calibration(val.get("calibration"), val.get("ece")),
         "throughput_memory": figures.speed(run["train"]),
     }
+    forgot = final.get("forgetting")
+    if forgot:
+        pngs["forgetting"] = figures.forgetting(forgot.get("history", []), forgot.get("before"))
     wrong_html, wrong_png = _wrong_examples(val.get("confidently_wrong", []))
     pngs["confidently_wrong"] = wrong_png
     out_dir = run["path"] / "report"
@@ -202,6 +217,7 @@ def write_report(run_dir) -> Path:
          if per_class else "<p class='muted'>no per-class metrics</p>"),
         ("calibration", "Calibration (validation)", fig("calibration", "reliability diagram", "no calibration data")),
         ("confidently-wrong", "Most confidently wrong validation examples", wrong_html),
+        *([("forgetting", "Forgetting (retain data)", _forgetting(forgot, fig))] if forgot else []),
         ("parameters", "Trainable parameters", (
             f"<p>trainable {params.get('trainable', 0):,} of {params.get('total', 0):,} parameters "
             f"({100 * params.get('trainable', 0) / max(params.get('total', 1), 1):.2f}%)"

@@ -47,7 +47,7 @@ def text_recipe(tiny_bert_dir, train_file, out, name="full", **extra) -> dict:
         "output": {"dir": str(out)},
     }
     for key, value in extra.items():
-        recipe[key].update(value)
+        recipe.setdefault(key, {}).update(value)
     return recipe
 
 
@@ -63,5 +63,5 @@ def image_recipe(tiny_timm_weights, train_dir, out, name="full", **extra) -> dic
     }
     recipe["data"]["num_workers"] = 0
     for key, value in extra.items():
-        recipe[key].update(value)
+        recipe.setdefault(key, {}).update(value)
     return recipe

@@ -146,6 +146,33 @@ def cmd_compare(args) -> int:
     return 0 if len(failed) < len(result.rows) else 1
 
 
+def cmd_cv(args) -> int:
+    from .cv import cross_validate, render
+
+    summary = cross_validate(args.recipe, folds=args.folds, group_column=args.group_column, overrides=args.set,
+                             output=args.output, console=_console())
+    print(render(summary))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .evaluation.report import write_comparison, write_report
+
+    if len(args.run_dirs) == 1 and not args.out:
+        print(write_report(args.run_dirs[0]))
+    else:
+        print(write_comparison(args.run_dirs, args.out or "comparison.html"))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import render, reproduce
+
+    result = reproduce(args.run_dir, output=args.output, console=_console())
+    print(render(result))
+    return 0 if result["ok"] else 1
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -201,6 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--in-process", action="store_true",
                    help="run the strategies in this process (faster start; peak memory is then not reported)")
     c.set_defaults(fn=cmd_compare)
+
+    cv = sub.add_parser("cv", help="k-fold cross-validation: one run per fold and mean ± std of every metric")
+    cv.add_argument("recipe")
+    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    cv.add_argument("--group-column", default=None,
+                    help="column of group ids: grouped, stratified folds (no group in both train and validation)")
+    cv.add_argument("--set", action="append", metavar="KEY=VALUE")
+    cv.add_argument("--output", default=None, help="directory for the fold runs (default runs/<name>-cv-<stamp>)")
+    cv.set_defaults(fn=cmd_cv)
+
+    rep = sub.add_parser("report", help="(re)write a run's report.html, or compare several runs side by side")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", default=None, help="comparison page to write (default comparison.html)")
+    rep.set_defaults(fn=cmd_report)
+
+    rp = sub.add_parser("reproduce", help="run a finished run again from its record and compare the metrics")
+    rp.add_argument("run_dir")
+    rp.add_argument("--output", default=None, help="new run directory (default RUN_DIR-repro-<stamp>)")
+    rp.set_defaults(fn=cmd_reproduce)
 
     o = sub.add_parser("options", help="print every recipe option with its default and description (Markdown)")
     o.set_defaults(fn=cmd_options)

@@ -30,7 +30,15 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        import os
+
+        # cuBLAS needs a fixed workspace to be deterministic (CUDA docs, "Results reproducibility");
+        # it is read when cuBLAS starts, so set it before the first CUDA matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    # Set both ways: an earlier deterministic run in this process must not leak into this one.
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 @dataclass
@@ -189,6 +197,11 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
                             examples={k: len(v) for k, v in splits.items()},
                             skipped={k: [str(x) for x in v] for k, v in skipped.items() if v},
                             init_from=init_from)
+        from .provenance import record
+
+        run.update_manifest(reproducibility=record(recipe, origin=origin, argv=argv, device=device,
+                                                   precision=precision_name(amp_dtype), source=loaded.info.source,
+                                                   init_from=init_from))
     if decision is not None:
         run.update_manifest(strategy_decision={k: v for k, v in decision.items() if k != "options"})
 
@@ -216,7 +229,7 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
                                  f"continue with: {command}")
         if state.stop_reason:
             log(state.stop_reason)
-        final = _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, log)
+        final = _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, log, splits)
         from .engine.throughput import peak_memory
 
         eval_s = sum(e.get("eval_seconds", 0.0) for e in state.evals)
@@ -228,9 +241,11 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
                    "train_flops_per_" + ("token" if state.positions else "example"): trainer.flops_per_unit}
         log("speed: " + ", ".join(f"{k} {v}" for k, v in timings.items() if k in (
             "samples_per_s", "tokens_per_s", "padding_fraction", "mfu", "peak_rss_mb")))
+        from .evaluation.report import parameter_summary
+
         run.update_manifest(status="completed", steps=state.step, best_step=final["best_step"], timings=timings,
                             task_settings=task.settings(), model_info=_info_json(loaded.info),
-                            skipped_nonfinite=state.skipped_nonfinite)
+                            skipped_nonfinite=state.skipped_nonfinite, parameters=parameter_summary(model))
     except RunInterrupted:
         raise
     except BaseException as err:
@@ -247,7 +262,21 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
     finally:
         if trainer is not None and getattr(trainer, "replay", None) is not None:
             trainer.replay.remove()  # the model's own forwards again, for whoever uses it next
+    if recipe.output.report:
+        _write_report(run.path, log)
     return Run(path=run.path, metrics=final, recipe=recipe, history=state.evals)
+
+
+def _write_report(path: Path, log) -> None:
+    """A report failure never costs a finished run: the model and eval.json are already saved."""
+    from .evaluation.report import write_report
+
+    t0 = time.perf_counter()
+    try:
+        log(f"report: {write_report(path)} ({time.perf_counter() - t0:.1f}s)")
+    except Exception as err:  # noqa: BLE001 - any failure here is reported, never raised
+        log(f"[yellow]warning: the report could not be written ({type(err).__name__}: {err}); the run is complete "
+            f"— try again with `tuneforge report {path}`[/]")
 
 
 def _build_model(recipe, task, labels, device, init_from, log, n_train):
@@ -367,6 +396,10 @@ def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, d
     callbacks.append(ResumeCheckpoint(run.checkpoints, cfg.save_every, cfg.keep_checkpoints))
     if cfg.progress:
         callbacks.append(RichProgress(console))
+    if recipe.retain.data:
+        from .evaluation.forgetting import RetainMonitor
+
+        callbacks.insert(0, RetainMonitor(task, recipe, run.path / "retain_reference.pt"))  # first: adds metrics
     trainer = Trainer(model=model, task=task, strategy=strategy, optimizer=optimizer, scheduler=None,
                       train_loader=loaders["train"], val_loader=loaders["validation"], cfg=cfg, device=device,
                       amp_dtype=amp_dtype, metrics_factory=lambda: task.metrics(labels), callbacks=callbacks)
@@ -382,7 +415,7 @@ def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, d
     return trainer, loaders, prep_s
 
 
-def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, log) -> dict:
+def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, log, splits=None) -> dict:
     """Best weights -> final evaluation -> saved model."""
     from .engine.checkpoint import load_checkpoint_weights
     from .saving import save_model
@@ -393,6 +426,12 @@ def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run
     if "test" in loaders:
         final["test"] = trainer.evaluate(loaders["test"], "test")
     final["labels"] = labels.names
+    for cb in trainer.callbacks:
+        if hasattr(cb, "summary"):  # forgetting (retain.data)
+            final["forgetting"] = cb.summary(final["best_step"])
+    for split in ("validation", "test"):
+        if split in final and splits:
+            _name_examples(final[split].get("confidently_wrong", []), splits[split])
     merged = None
     if recipe.output.merge:
         model, merged = _merge(recipe, model, loaders["validation"], trainer.device, log)
@@ -417,6 +456,17 @@ def _merge(recipe, model, loader, device, log):
         f"validation examples (logits up to {report['logit_scale']:.3g}; tolerance {tolerance:g} x max(1, |logit|), "
         "fp32): ok")
     return merged, report
+
+
+def _name_examples(wrong: list[dict], records: list) -> None:
+    """Give each confidently-wrong example its input (text, or image path) and row, for the report."""
+    for item in wrong:
+        record = records[item["index"]]
+        item["where"] = record.where
+        if "text" in record.values:
+            item["text"] = str(record.values["text"])[:500]
+        if isinstance(record.values.get("image"), str):  # a path (parquet may hold raw bytes: left out)
+            item["image"] = record.values["image"]
 
 
 def _info_json(info) -> dict:

@@ -117,7 +117,7 @@ class TrainSection(_Section):
     deterministic: bool = Field(False, description="Use deterministic algorithms (slower; bit-exact repeat runs).")
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate every N optimizer steps; default once per epoch.")
     log_every: int = Field(10, ge=1, description="Write a training-loss line to metrics.jsonl every N optimizer steps.")
-    metric_for_best: str = Field("accuracy", description="Validation metric that picks the best checkpoint and drives early stopping (e.g. accuracy, f1_macro, loss).")
+    metric_for_best: str = Field("accuracy", description="Validation metric that picks the best checkpoint and drives early stopping: loss, accuracy, subset_accuracy (multi-label), precision/recall/f1 _macro/_micro/_weighted, roc_auc, ece (loss and ece are minimised).")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping on metric_for_best.")
     save_every: Optional[int] = Field(None, ge=1, description="Also write a checkpoint every N optimizer steps (the best one is always kept).")
     keep_checkpoints: int = Field(2, ge=1, description="Periodic checkpoints kept on disk (oldest removed first).")
@@ -140,7 +140,19 @@ class TrainSection(_Section):
 
     @property
     def minimize(self) -> bool:
-        return self.metric_for_best.endswith("loss")
+        from .evaluation.names import lower_is_better
+
+        return lower_is_better(self.metric_for_best)
+
+
+class RetainSection(_Section):
+    data: Optional[str] = Field(None, description="Inputs on which forgetting is measured before training and at every evaluation (a file like data.train, or an image folder/manifest); labels optional.")
+    text_column: Optional[str] = Field(None, description="Text column of retain.data; default data.text_column.")
+    image_column: Optional[str] = Field(None, description="Image-path column of a retain.data manifest; default data.image_column.")
+    label_column: Optional[str] = Field(None, description="Label column of retain.data; needed with retain.head_from.")
+    head_from: Optional[str] = Field(None, description="Run directory of an earlier task (fine-tuning in sequence): its head and labels score retain.data on the current backbone, and the accuracy drop is the forgetting.")
+    max_rows: int = Field(512, ge=1, description="Use at most this many retain examples (the features of the starting model are kept in memory).")
+    max_drop: Optional[float] = Field(None, ge=0, description="Forgetting budget: an evaluation whose forgetting (retain accuracy drop with head_from, else 1 - linear CKA) exceeds it cannot become the best checkpoint.")
 
 
 class OutputSection(_Section):
@@ -150,6 +162,7 @@ class OutputSection(_Section):
     save_model: bool = Field(True, description="Write the final model (best checkpoint) into <run>/model.")
     merge: bool = Field(False, description="lora / ia3: fold the trained update into the base weights and save a plain model (no peft needed to load it); the largest logit difference abs(merged - unmerged) on validation examples is printed, and above merge_tolerance the run fails.")
     merge_tolerance: float = Field(1e-4, gt=0, description="Largest logit difference abs(merged - unmerged) that output.merge accepts, in units of max(1, largest abs(logit)) (fp32, up to 16 validation examples).")
+    report: bool = Field(True, description="Write <run>/report.html (self-contained) and the figures as PNGs in <run>/report/ at the end of the run.")
 
 
 class Recipe(_Section):
@@ -160,6 +173,7 @@ class Recipe(_Section):
     data: DataSection = Field(default_factory=DataSection, description="Where the examples come from.")
     strategy: StrategyOptions = Field(default_factory=StrategyOptions, description="Which parameters train, and how.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
+    retain: RetainSection = Field(default_factory=RetainSection, description="Forgetting: what the model should keep knowing.")
     output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
 
     @field_validator("strategy", mode="before")
@@ -207,6 +221,14 @@ class Recipe(_Section):
                     f"output.merge folds a LoRA/IA3 update into the base weights; strategy {self.strategy.name} has "
                     "nothing to fold (its weights are already plain, or its adapters are non-linear) — "
                     "set output.merge: false, or use strategy lora / ia3")
+        from .evaluation.names import check_metric_name
+
+        check_metric_name(self.train.metric_for_best, self.task.multi_label)
+        r = self.retain
+        if r.data is None and (r.head_from or r.max_drop is not None or r.label_column):
+            raise ValueError("retain.head_from / max_drop / label_column need retain.data: the inputs to measure on")
+        if r.head_from and not r.label_column:
+            raise ValueError("retain.head_from scores labelled data: set retain.label_column")
         if self.train.eval_batch_size is None:
             self.train.eval_batch_size = 2 * self.train.batch_size
         return self

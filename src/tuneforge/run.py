@@ -57,9 +57,10 @@ def prepare_run_dir(path: Path, overwrite: bool) -> Path:
         # checkpoint or model can be mistaken for this run's.
         import shutil
 
-        for name in ("config.yaml", RUN_MARKER, "metrics.jsonl", "eval.json"):
+        for name in ("config.yaml", RUN_MARKER, "metrics.jsonl", "eval.json", "report.html", "retain_reference.pt",
+                     "reproduction.json"):
             (path / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "model"):
+        for name in ("checkpoints", "model", "report"):
             shutil.rmtree(path / name, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     return path

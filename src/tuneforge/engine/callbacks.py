@@ -73,7 +73,7 @@ class MetricsLog(Callback):
     def on_eval_end(self, trainer, metrics: dict) -> None:
         s = trainer.state
         self.write({"event": "eval", "split": "validation", "step": s.step, "epoch": round(s.epoch_float, 4),
-                    **{k: v for k, v in metrics.items() if k != "confusion_matrix"}})
+                    **{k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float))}})
 
 
 class BestCheckpoint(Callback):
@@ -83,6 +83,8 @@ class BestCheckpoint(Callback):
         self.dir, self.metric, self.minimize, self.min_delta = Path(directory), metric, minimize, min_delta
         self.best: float | None = None
         self.best_step: int | None = None
+        self.best_eligible = False  # within the forgetting budget (always, without one)
+        self.best_forgetting: float | None = None
 
     def improved(self, value: float) -> bool:
         if self.best is None:
@@ -94,19 +96,35 @@ class BestCheckpoint(Callback):
             valid = ", ".join(k for k, v in metrics.items() if isinstance(v, float))
             raise TuneforgeError(f"train.metric_for_best '{self.metric}' is not a validation metric; choose one of: {valid}")
         value = metrics[self.metric]
-        trainer.state.last_improved = self.improved(value)
-        if trainer.state.last_improved:
+        if value is None:  # e.g. roc_auc on a validation split that lacks a class
+            raise TuneforgeError(f"train.metric_for_best '{self.metric}' is undefined on this validation split "
+                                 "(some class has no examples, or every example); pick another metric or a "
+                                 "validation split that holds every class")
+        # Forgetting budget (retain.max_drop): an evaluation over budget is never preferred to one
+        # within it; until one is within it, the least-forgetting one is kept (a run always has a best).
+        eligible = metrics.get("within_forgetting_budget") is not False
+        if eligible:
+            better = not self.best_eligible or self.improved(value)
+        else:
+            better = not self.best_eligible and (self.best_forgetting is None
+                                                 or metrics["forgetting"] < self.best_forgetting)
+        trainer.state.last_improved = better
+        if better:
             self.best, self.best_step = value, trainer.state.step
+            self.best_eligible, self.best_forgetting = eligible, metrics.get("forgetting")
             trainer.state.best_metric, trainer.state.best_step = value, trainer.state.step
             save_checkpoint(self.dir / "best", trainer.model, names=trainer.optimized_names,
                             meta={"step": trainer.state.step, "epoch": trainer.state.epoch_float,
                                   self.metric: value, "metrics": {k: v for k, v in metrics.items()}})
 
     def state_dict(self) -> dict:
-        return {"best": self.best, "best_step": self.best_step}
+        return {"best": self.best, "best_step": self.best_step, "best_eligible": self.best_eligible,
+                "best_forgetting": self.best_forgetting}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_step = state["best"], state["best_step"]
+        self.best_eligible = state.get("best_eligible", self.best is not None)
+        self.best_forgetting = state.get("best_forgetting")
 
 
 class ResumeCheckpoint(Callback):

@@ -270,7 +270,7 @@ def evaluate_loader(model, task, loader, metrics, device, autocast=contextlib.nu
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast():
             out = task.forward(model, batch)  # {"loss": (), "logits": (B, C)}
-        metrics.update(out["logits"], batch["labels"], out["loss"])
+        metrics.update(out["logits"], batch["labels"], out["loss"], index=batch.get("index"))
     result = metrics.compute()
     result["eval_seconds"] = round(time.perf_counter() - t0, 3)
     return result

@@ -182,7 +182,8 @@ class ClassificationTask:
     def metrics(self, labels: LabelMap):
         from ..evaluation.metrics import ClassificationMetrics
 
-        return ClassificationMetrics(len(labels), multi_label=self.multi_label)
+        # the 20 most confidently wrong examples feed the report; a bounded heap, cheap
+        return ClassificationMetrics(len(labels), multi_label=self.multi_label, names=labels.names, top_wrong=20)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.float()) if self.multi_label else torch.softmax(logits.float(), -1)

@@ -1,0 +1,291 @@
+"""`report.html`: one self-contained page per run (and a side-by-side page for several).
+
+Everything comes from the run directory (config.yaml, manifest.json, metrics.jsonl,
+eval.json), so `tuneforge report RUN_DIR` can redraw it any time. The page opens
+offline: inline CSS, no scripts, no fonts, every image a base64 PNG; the same
+figures are written as PNG files in ``<run>/report/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from datetime import datetime
+from pathlib import Path
+
+from ..errors import TuneforgeError
+from . import figures
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:2em}table{border-collapse:collapse;margin:.5em 0;font-size:.9em}td,th{border:1px solid #ddd;
+padding:.25em .6em;text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}img{max-width:100%}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em;max-height:40em}.warn{color:#a40}
+.muted{color:#777}details{margin:.5em 0}
+"""
+
+
+def parameter_summary(model) -> dict:
+    """Trainable / total parameters, per top-level module (two name levels), and adapters."""
+    rows: dict[str, list[int]] = {}
+    adapters = [0, 0]
+    for name, p in model.named_parameters():
+        key = ".".join(n for n in name.split(".")[:2] if n not in ("base_model", "model")) or name
+        row = rows.setdefault(key, [0, 0])
+        row[0] += p.numel()
+        row[1] += p.numel() if p.requires_grad else 0
+        if any(tag in name for tag in ("lora_", "adapter_", "prompt_")):
+            adapters[0] += p.numel()
+            adapters[1] += p.numel() if p.requires_grad else 0
+    total = sum(r[0] for r in rows.values())
+    trainable = sum(r[1] for r in rows.values())
+    return {"total": total, "trainable": trainable, "adapter_params": adapters[0],
+            "modules": [{"module": k, "params": v[0], "trainable": v[1]} for k, v in rows.items()]}
+
+
+# --------------------------------------------------------------------------- reading a run
+
+def read_run(run_dir: Path) -> dict:
+    import yaml
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "manifest.json").is_file():
+        raise TuneforgeError(f"{run_dir} is not a tuneforge run directory (no manifest.json)")
+    events = []
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: the rest still draws
+    final = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    return {"path": run_dir, "manifest": json.loads((run_dir / "manifest.json").read_text()), "config": config,
+            "final": final, "train": [e for e in events if e.get("event") == "train"],
+            "evals": [e for e in events if e.get("event") == "eval"]}
+
+
+# --------------------------------------------------------------------------- html helpers
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
+    return "—" if v is None else _e(v)
+
+
+def _table(header: list[str], rows: list[list], left: int = 1) -> str:
+    th = "".join(f"<th class='l'>{_e(h)}</th>" if i < left else f"<th>{_e(h)}</th>" for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f"<td class='l'>{_fmt(c) if not isinstance(c, str) else _e(c)}</td>" if i < left
+                                    else f"<td>{_fmt(c)}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+
+
+def _page(title: str, sections: list[tuple[str, str, str]]) -> str:
+    body = "".join(f"<section id='{sid}'><h2>{_e(name)}</h2>{content}</section>" for sid, name, content in sections)
+    stamp = datetime.now().isoformat(timespec="seconds")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"
+            f"<p class='muted'>written by tuneforge at {stamp}</p>{body}</body></html>")
+
+
+def _metrics_table(final: dict) -> str:
+    splits = [s for s in ("validation", "test") if s in final]
+    if not splits:
+        return "<p class='warn'>no final evaluation (the run did not complete)</p>"
+    keys = [k for k, v in final[splits[0]].items() if isinstance(v, (int, float)) or (v is None and k == "roc_auc")]
+    rows = [[k] + [final[s].get(k) for s in splits] for k in keys if k not in ("eval_seconds",)]
+    best = f"<p>best step {final.get('best_step')} by <b>{_e(final.get('metric_for_best'))}</b></p>"
+    return best + _table(["metric", *splits], rows)
+
+
+def _wrong_examples(items: list[dict]) -> tuple[str, bytes | None]:
+    if not items:
+        return "<p>no wrong predictions on the validation split</p>", None
+    rows, thumbs = [], []
+    for it in items:
+        shown = _e(it.get("text", ""))
+        if it.get("image"):
+            png = figures.thumbnail(it["image"])
+            if png:
+                thumbs.append((png, it))
+                shown = _img(png, it.get("where", "image")) + f"<br><span class='muted'>{_e(Path(it['image']).name)}</span>"
+        truth = it["label"] if "truth" not in it else f"{it['label']} = {it['truth']}"
+        guess = it["predicted"] if "truth" not in it else f"{it['label']} = {it['predicted']}"
+        rows.append(f"<tr><td class='l'>{shown}</td><td class='l'>{_e(truth)}</td><td class='l'>{_e(guess)}</td>"
+                    f"<td>{it['confidence']:.4f}</td><td class='l muted'>{_e(it.get('where', it['index']))}</td></tr>")
+    table = ("<table><tr><th class='l'>example</th><th class='l'>true</th><th class='l'>predicted</th>"
+             "<th>confidence</th><th class='l'>where</th></tr>" + "".join(rows) + "</table>")
+    grid = _thumb_grid([t[0] for t in thumbs]) if thumbs else None
+    return table, grid
+
+
+def _thumb_grid(pngs: list[bytes]) -> bytes | None:
+    try:
+        import io
+
+        from PIL import Image
+
+        ims = [Image.open(io.BytesIO(p)) for p in pngs]
+        cols = min(len(ims), 8)
+        rows = (len(ims) + cols - 1) // cols
+        sheet = Image.new("RGB", (cols * 100, rows * 100), "white")
+        for i, im in enumerate(ims):
+            sheet.paste(im, ((i % cols) * 100 + 2, (i // cols) * 100 + 2))
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG")
+        return buf.getvalue()
+    except Exception:
+        return None
+
+
+def _forgetting(f: dict, fig) -> str:
+    keys = [k for k in ("retain_cka", "retain_cosine", "retain_accuracy", "retain_accuracy_drop", "forgetting")
+            if f.get("history") and k in f["history"][0]]
+    best = f.get("at_best") or {}
+    budget = (f"; budget retain.max_drop {f['max_drop']} {'met' if f.get('budget_met') else 'NOT met'}"
+              if f.get("max_drop") is not None else "")
+    return (f"<p>{_e(f.get('measure'))} on {f.get('examples')} examples; at the best step "
+            f"{best.get('step')}: forgetting {_fmt(best.get('forgetting'))}{_e(budget)}</p>"
+            + fig("forgetting", "forgetting", "")
+            + _table(["step", *keys], [[h["step"], *[h.get(k) for k in keys]] for h in f.get("history", [])]))
+
+
+def _pre(data) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, indent=2, default=str)
+    return f"<pre>{_e(text)}</pre>"
+
+
+# --------------------------------------------------------------------------- one run
+
+def write_report(run_dir) -> Path:
+    """Write ``<run>/report.html`` and ``<run>/report/*.png``; return the HTML path."""
+    import yaml
+
+    run = read_run(Path(run_dir))
+    m, final, cfg = run["manifest"], run["final"], run["config"]
+    val = final.get("validation", {})
+    metric = final.get("metric_for_best") or cfg.get("train", {}).get("metric_for_best", "accuracy")
+    names = final.get("labels", [])
+    pngs = {
+        "curves": figures.curves(run["train"], run["evals"], metric),
+        "learning_rates": figures.learning_rates(run["train"]),
+        "confusion_matrix": figures.confusion(val.get("confusion_matrix"), names),
+        "calibration": figures.calibration(val.get("calibration"), val.get("ece")),
+        "throughput_memory": figures.speed(run["train"]),
+    }
+    forgot = final.get("forgetting")
+    if forgot:
+        pngs["forgetting"] = figures.forgetting(forgot.get("history", []), forgot.get("before"))
+    wrong_html, wrong_png = _wrong_examples(val.get("confidently_wrong", []))
+    pngs["confidently_wrong"] = wrong_png
+    out_dir = run["path"] / "report"
+    out_dir.mkdir(exist_ok=True)
+    for name, png in pngs.items():
+        if png:
+            (out_dir / f"{name}.png").write_bytes(png)
+
+    def fig(name, alt, missing):
+        return _img(pngs[name], alt) if pngs.get(name) else f"<p class='muted'>{_e(missing)}</p>"
+
+    params = m.get("parameters") or {}
+    per_class = val.get("per_class", [])
+    repro = m.get("reproducibility", {})
+    timings = m.get("timings", {})
+    status = m.get("status", "?")
+    sections = [
+        ("summary", "Summary", f"<p>status <b>{_e(status)}</b>; model <b>{_e(cfg.get('model', {}).get('name'))}</b>, "
+         f"strategy <b>{_e(cfg.get('strategy', {}).get('name'))}</b>, {m.get('steps', '?')} steps, precision "
+         f"{_e(m.get('precision'))}, device {_e(m.get('environment', {}).get('device'))}</p>" + _metrics_table(final)),
+        ("curves", "Loss and metric curves", fig("curves", "loss and metric curves", "no training events logged")),
+        ("learning-rates", "Learning rate per parameter group",
+         fig("learning_rates", "learning rates", "no learning-rate events logged")),
+        ("confusion-matrix", "Confusion matrix (validation)",
+         fig("confusion_matrix", "confusion matrix", "no confusion matrix (multi-label task, or no evaluation)")),
+        ("per-class", "Per-class metrics (validation)", _table(
+            ["label", "precision", "recall", "f1", "support"],
+            [[r["label"], r["precision"], r["recall"], r["f1"], r["support"]] for r in per_class])
+         if per_class else "<p class='muted'>no per-class metrics</p>"),
+        ("calibration", "Calibration (validation)", fig("calibration", "reliability diagram", "no calibration data")),
+        ("confidently-wrong", "Most confidently wrong validation examples", wrong_html),
+        *([("forgetting", "Forgetting (retain data)", _forgetting(forgot, fig))] if forgot else []),
+        ("parameters", "Trainable parameters", (
+            f"<p>trainable {params.get('trainable', 0):,} of {params.get('total', 0):,} parameters "
+            f"({100 * params.get('trainable', 0) / max(params.get('total', 1), 1):.2f}%)"
+            + (f"; adapter parameters {params['adapter_params']:,}" if params.get("adapter_params") else "") + "</p>"
+            + _table(["module", "parameters", "trainable"],
+                     [[r["module"], r["params"], r["trainable"]] for r in params.get("modules", [])]))
+         if params else "<p class='muted'>not recorded</p>"),
+        ("throughput", "Throughput and memory", fig("throughput_memory", "throughput", "no speed figures logged")
+         + _table(["figure", "value"], [[k, v] for k, v in timings.items()])),
+        ("reproducibility", "What may not reproduce, and why", (
+            "<ul>" + "".join(f"<li><b>{_e(c['what'])}</b>: {_e(c['why'])}</li>"
+                             for c in repro.get("may_not_reproduce", [])) + "</ul>")
+         if repro.get("may_not_reproduce") else "<p>nothing known: fp32, deterministic, single-threaded</p>"),
+        ("recipe", "Resolved recipe", _pre(yaml.safe_dump(cfg, sort_keys=False))),
+        ("manifest", "Manifest", "<details><summary>manifest.json</summary>"
+         + _pre({k: v for k, v in m.items() if k != "reproducibility"})
+         + "</details><details><summary>reproducibility record (package lock, environment, hashes)</summary>"
+         + _pre(repro) + "</details>"),
+    ]
+    page = _page(f"tuneforge run {run['path'].name}", sections)
+    path = run["path"] / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------- several runs
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def write_comparison(run_dirs: list, out: str | Path) -> Path:
+    """Runs side by side: final metrics, the recipe keys that differ, timings, overlaid curves."""
+    runs = [read_run(Path(d)) for d in run_dirs]
+    names = [r["path"].name for r in runs]
+    if len(set(names)) < len(names):
+        names = [str(r["path"]) for r in runs]
+    metric = runs[0]["final"].get("metric_for_best") or "accuracy"
+    sections = []
+    for split in ("validation", "test"):
+        have = [r["final"].get(split, {}) for r in runs]
+        keys = list(dict.fromkeys(k for h in have for k, v in h.items()
+                                  if isinstance(v, (int, float)) and k != "eval_seconds"))
+        if keys:
+            sections.append((f"metrics-{split}", f"Final {split} metrics",
+                             _table(["metric", *names], [[k] + [h.get(k) for h in have] for k in keys])))
+    flat = [_flatten(r["config"]) for r in runs]
+    keys = sorted({k for f in flat for k in f if k != "output.dir"})
+    differ = [[k] + [json.dumps(f.get(k)) for f in flat] for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
+    sections.append(("recipe-differences", "Recipe differences",
+                     _table(["key", *names], differ, left=len(names) + 1) if differ else "<p>identical recipes</p>"))
+    timing_keys = list(dict.fromkeys(k for r in runs for k in r["manifest"].get("timings", {})))
+    sections.append(("timings", "Timings and throughput",
+                     _table(["figure", *names], [[k] + [r["manifest"].get("timings", {}).get(k) for r in runs]
+                                                 for k in timing_keys])))
+    png = figures.compare_curves({n: (r["train"], r["evals"]) for n, r in zip(names, runs)}, metric)
+    sections.append(("curves", f"Training loss and validation {metric}", _img(png, "curves") if png else ""))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(_page(f"tuneforge: {len(runs)} runs compared", sections), encoding="utf-8")
+    if png:
+        out.with_suffix(".png").write_bytes(png)
+    return out

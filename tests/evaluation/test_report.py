@@ -1,0 +1,139 @@
+"""Every run ends with a self-contained report.html; `tuneforge report` redraws and compares."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from html.parser import HTMLParser
+
+import pytest
+from PIL import Image
+
+import tuneforge
+from helpers import image_recipe, text_recipe, write_image_folder, write_text_csv
+from tuneforge.cli import main
+
+SECTIONS = ["summary", "curves", "learning-rates", "confusion-matrix", "per-class", "calibration",
+            "confidently-wrong", "parameters", "throughput", "reproducibility", "recipe", "manifest"]
+FIGURES = ["curves", "learning_rates", "confusion_matrix", "calibration", "throughput_memory"]
+
+
+class _Page(HTMLParser):
+    """Collects each <section>'s content and every reference to something outside the page."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.current, self.external, self.tags = {}, None, [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "section":
+            self.current = attrs["id"]
+            self.sections[self.current] = {"imgs": 0, "rows": 0, "text": ""}
+        for key in ("src", "href", "data", "poster"):
+            value = attrs.get(key)
+            if value is not None and not value.startswith(("data:image/png;base64,", "#")):
+                self.external.append(value)
+        if self.current and tag == "img":
+            self.sections[self.current]["imgs"] += 1
+        if self.current and tag == "tr":
+            self.sections[self.current]["rows"] += 1
+
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self.current = None
+
+    def handle_data(self, data):
+        if self.current:
+            self.sections[self.current]["text"] += data
+
+
+def _parse(path):
+    page = _Page()
+    text = path.read_text()
+    page.feed(text)
+    assert "script" not in page.tags and "link" not in page.tags and "url(" not in text and "@import" not in text
+    assert not page.external, page.external  # nothing outside the file
+    return page
+
+
+@pytest.fixture(scope="module")
+def text_run(tiny_bert_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    train = write_text_csv(tmp / "train.csv", n=48)
+    return tuneforge.finetune(text_recipe(tiny_bert_dir, train, tmp / "run", "lora",
+                                          train={"epochs": 3, "eval_every": 2, "log_every": 1}))
+
+
+def test_report_has_every_figure_and_table(text_run):
+    page = _parse(text_run.path / "report.html")
+    assert list(page.sections) == SECTIONS
+    for sid in ("curves", "learning-rates", "confusion-matrix", "calibration"):
+        assert page.sections[sid]["imgs"] == 1, sid
+    assert page.sections["throughput"]["imgs"] == 1 and page.sections["throughput"]["rows"] > 3
+    assert page.sections["per-class"]["rows"] == 1 + 2  # header + two classes
+    assert page.sections["parameters"]["rows"] > 2 and "adapter parameters" in page.sections["parameters"]["text"]
+    assert page.sections["summary"]["rows"] > 10
+    assert "strategy:" in page.sections["recipe"]["text"] and "lock" in page.sections["manifest"]["text"]
+    assert "torch threads" in page.sections["reproducibility"]["text"] or "autocast" in \
+        page.sections["reproducibility"]["text"] or "nothing known" in page.sections["reproducibility"]["text"]
+    wrong = json.loads((text_run.path / "eval.json").read_text())["validation"]["confidently_wrong"]
+    assert page.sections["confidently-wrong"]["rows"] == 1 + len(wrong)
+    for name in FIGURES:  # the same figures as PNG files, each a real non-blank image
+        im = Image.open(io.BytesIO((text_run.path / "report" / f"{name}.png").read_bytes()))
+        lo, hi = im.convert("L").getextrema()
+        assert im.size[0] > 200 and hi - lo > 50, name
+
+
+def test_lr_figure_has_one_line_per_param_group(text_run):
+    events = [json.loads(x) for x in (text_run.path / "metrics.jsonl").read_text().splitlines()]
+    groups = {k for e in events if e["event"] == "train" for k in e["lr"]}
+    assert len(groups) >= 2  # backbone adapters and head, at their own rates
+
+
+def test_report_command_regenerates_fast_and_compares(text_run, tmp_path, capsys):
+    (text_run.path / "report.html").unlink()
+    t0 = time.perf_counter()
+    assert main(["report", str(text_run.path)]) == 0
+    assert time.perf_counter() - t0 < 10  # a couple of seconds on a free core; generous for a shared CI box
+    _parse(text_run.path / "report.html")
+    out = tmp_path / "cmp.html"
+    assert main(["report", str(text_run.path), str(text_run.path), "--out", str(out)]) == 0
+    page = _parse(out)
+    assert page.sections["metrics-validation"]["rows"] > 5 and page.sections["curves"]["imgs"] == 1
+
+
+def test_image_report_shows_thumbnails(tiny_timm_weights, tmp_path):
+    train = write_image_folder(tmp_path / "imgs", n_per_class=6)
+    run = tuneforge.finetune(image_recipe(tiny_timm_weights, train, tmp_path / "run", "full",
+                                          train={"epochs": 1, "lr": 1e-6}))
+    wrong = json.loads((run.path / "eval.json").read_text())["validation"]["confidently_wrong"]
+    page = _parse(run.path / "report.html")
+    assert page.sections["confidently-wrong"]["imgs"] == len(wrong)
+    if wrong:
+        assert (run.path / "report" / "confidently_wrong.png").stat().st_size > 100
+    # and directly, whatever this run got wrong
+    from tuneforge.evaluation.report import _wrong_examples
+
+    table, grid = _wrong_examples([{"index": 0, "label": "red", "predicted": "blue", "confidence": 0.9,
+                                    "image": str(next((train / "red").iterdir())), "where": "red/0.png"}])
+    assert "data:image/png;base64," in table and Image.open(io.BytesIO(grid)).size == (100, 100)
+
+
+def test_a_failing_report_keeps_the_run(tiny_bert_dir, tmp_path, monkeypatch):
+    import tuneforge.evaluation.report as report
+    from rich.console import Console
+
+    def broken(path):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    console = Console(file=io.StringIO(), width=200)
+    train = write_text_csv(tmp_path / "train.csv", n=24)
+    run = tuneforge.finetune(text_recipe(tiny_bert_dir, train, tmp_path / "run", "full", train={"max_steps": 2}),
+                             console=console)
+    assert "report could not be written" in console.file.getvalue() and "disk on fire" in console.file.getvalue()
+    assert (run.path / "eval.json").exists() and (run.path / "model").is_dir()
+    assert json.loads((run.path / "manifest.json").read_text())["status"] == "completed"

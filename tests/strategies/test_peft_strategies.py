@@ -89,9 +89,14 @@ def _build(kind, tiny_bert_dir, tiny_timm_weights):
             "efficientnet": lambda: _efficientnet(tiny_timm_weights)}[kind]()
 
 
-def _train_steps(model, strategy, inputs, steps=3, lr=1e-2):
-    """A few optimizer steps exactly as the engine builds them (strategy groups, fused AdamW)."""
-    optimizer = build_optimizer(strategy.param_groups(model, lr, lr, 0.01), torch.device("cpu"))
+def _train_steps(model, strategy, inputs, info, steps=3, lr=1e-2):
+    """A few optimizer steps exactly as the engine builds them (layer-group param groups, fused AdamW)."""
+    from types import SimpleNamespace
+
+    from tuneforge.strategies.base import param_groups
+
+    train = SimpleNamespace(lr=lr, head_lr=lr, weight_decay=0.01, layer_decay=None, lr_range=None)
+    optimizer = build_optimizer(param_groups(model, info, train), torch.device("cpu"))
     strategy.set_train_mode(model)
     target = torch.tensor([0, 2])
     for _ in range(steps):
@@ -167,7 +172,7 @@ def test_frozen_bit_identical_and_trainable_count_is_what_changed(kind, options,
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     reported, total = count_params(model)
     assert 0 < reported < total
-    _train_steps(model, strategy, inputs)
+    _train_steps(model, strategy, inputs, info)
     after = dict(model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     trainable = {n for n, p in after.items() if p.requires_grad}
@@ -206,7 +211,7 @@ def test_merged_equals_unmerged(kind, options, tiny_bert_dir, tiny_timm_weights)
     model = strategy.apply(model, info)
     if kind == "resnet":
         assert any(m.kernel_size == (3, 3) for n, m in model.named_modules() if n.endswith(".base_layer"))
-    _train_steps(model, strategy, inputs, steps=5, lr=5e-2)  # a non-trivial update to fold in
+    _train_steps(model, strategy, inputs, info, steps=5, lr=5e-2)  # a non-trivial update to fold in
     with torch.no_grad():
         unmerged = model(**inputs)
     merged, report = merge_and_check(model, inputs, MERGE_TOL)
@@ -222,7 +227,7 @@ def test_merge_check_fails_loudly(tiny_bert_dir):
     model, info, inputs = _bert(tiny_bert_dir)
     strategy = _strategy(name="lora", dropout=0.0)
     model = strategy.apply(model, info)
-    _train_steps(model, strategy, inputs)
+    _train_steps(model, strategy, inputs, info)
     with pytest.raises(TuneforgeError, match="merge_tolerance"):
         merge_and_check(model, inputs, tolerance=1e-30)  # below float rounding: must be reported
 

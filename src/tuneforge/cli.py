@@ -165,6 +165,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    console = _console()
+    report = export_run(args.run_dir, args.format, args.out, quantize=args.quantize, samples=args.samples,
+                        overwrite=args.overwrite, log=console.print)
+    print(json.dumps({k: report[k] for k in ("format", "max_abs_diff", "label_agreement", "check")}))
+    print(args.out)
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .reproduce import render, reproduce
 
@@ -247,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir")
     rp.add_argument("--output", default=None, help="new run directory (default RUN_DIR-repro-<stamp>)")
     rp.set_defaults(fn=cmd_reproduce)
+
+    ex = sub.add_parser("export", help="export a run's model (onnx, safetensors), checked for parity with the original")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", required=True, choices=["onnx", "safetensors"],
+                    help="onnx: a graph for onnxruntime (dynamic batch/sequence axes) + tokenizer/preprocessing; "
+                         "safetensors: plain weights + config, loadable by tuneforge.load without the recipe")
+    ex.add_argument("--out", required=True, help="directory to write (must be empty unless --overwrite)")
+    ex.add_argument("--quantize", choices=["int8"], default=None, help="onnx only: dynamic int8 weights (CPU)")
+    ex.add_argument("--samples", type=int, default=16, help="rows of the run's data used for the parity check")
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(fn=cmd_export)
 
     o = sub.add_parser("options", help="print every recipe option with its default and description (Markdown)")
     o.set_defaults(fn=cmd_options)

@@ -96,26 +96,25 @@ def cmd_models(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    if args.file:
+        from .predict import predict_file
+
+        console = _console()
+        counts = predict_file(args.run_dir, args.file, args.out, column=args.column, id_column=args.id_column,
+                              batch_size=args.batch_size, on_error=args.on_error, progress=bool(args.out),
+                              console=console)
+        console.print(f"predicted {counts['predicted']}, errors {counts['errors']}, malformed rows skipped "
+                      f"{counts['skipped_rows']}" + (f" -> {args.out}" if args.out else ""))
+        return 0 if counts["predicted"] or not (counts["errors"] or counts["skipped_rows"]) else 1
     from .saving import Predictor
 
-    predictor = Predictor(args.run_dir, batch_size=args.batch_size)
     inputs = list(args.inputs or [])
-    ids: list = list(range(len(inputs)))
-    if args.file:
-        if predictor.meta["modality"] == "image" and Path(args.file).is_dir():
-            files = sorted(p for p in Path(args.file).rglob("*") if p.is_file())
-            inputs, ids = [str(p) for p in files], [str(p) for p in files]
-        else:
-            from .data.records import read_records
-
-            column = args.column or ("text" if predictor.meta["modality"] == "text" else "image")
-            records = read_records(args.file, columns={"input": column}, hints={"input": "--column"})
-            inputs, ids = [r.values["input"] for r in records], [r.where for r in records]
     if not inputs:
         raise TuneforgeError("nothing to predict: give inputs as arguments or --file FILE")
+    predictor = Predictor(args.run_dir, batch_size=args.batch_size)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
-        for i, result in zip(ids, predictor.predict(inputs)):
+        for i, result in enumerate(predictor.predict(inputs)):
             out.write(json.dumps({"id": i, **result}) + "\n")
     finally:
         if args.out:
@@ -229,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--column", help="input column in --file (default text / image)")
     pr.add_argument("--out", help="write JSON lines here instead of stdout")
     pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--id-column", help="column of --file whose value identifies each row in the output "
+                                         "(default: file and line)")
+    pr.add_argument("--on-error", choices=["continue", "stop"], default="continue",
+                    help="a bad record (unreadable image, malformed row): write an error line and go on, or stop "
+                         "there (what was written stays)")
     pr.set_defaults(fn=cmd_predict)
 
     c = sub.add_parser("compare", help="run one recipe under several strategies and tabulate the results")

@@ -165,7 +165,10 @@ class Predictor:
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
     def predict(self, inputs: list) -> list[dict]:
-        probs = self.predict_proba(list(inputs))
+        return self.format(self.predict_proba(list(inputs)))
+
+    def format(self, probs: torch.Tensor) -> list[dict]:
+        """(N, C) probabilities -> ``{"label", "scores"}`` per row, labels in the user's own type."""
         results = []
         for row in probs:
             scores = {str(self.labels.names[j]): round(float(p), 6) for j, p in enumerate(row)}

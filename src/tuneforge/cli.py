@@ -175,6 +175,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import ServeConfig, load_api_keys, serve
+
+    cfg = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, batching=not args.no_batching,
+                      max_items=args.max_items, max_text_chars=args.max_text_chars,
+                      max_body_bytes=args.max_body_mb << 20, api_keys=load_api_keys(file=args.api_key_file))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_keys:
+        _console().print(f"[yellow]warning: serving on {args.host} without API keys; set TUNEFORGE_API_KEYS or "
+                         "--api-key-file to require one[/]")
+    serve(args.run_dir, host=args.host, port=args.port, cfg=cfg)
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .reproduce import render, reproduce
 
@@ -273,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--samples", type=int, default=16, help="rows of the run's data used for the parity check")
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(fn=cmd_export)
+
+    sv = sub.add_parser("serve", help="serve a run's model over HTTP (micro-batched; needs the serve extra)")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch-size", type=int, default=32, help="inputs per model call when batching requests")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    sv.add_argument("--no-batching", action="store_true", help="run every request alone")
+    sv.add_argument("--max-items", type=int, default=64, help="inputs per request")
+    sv.add_argument("--max-text-chars", type=int, default=10_000)
+    sv.add_argument("--max-body-mb", type=int, default=8, help="request body limit, checked before reading it")
+    sv.add_argument("--api-key-file", default=None,
+                    help="file with one API key per line (also: TUNEFORGE_API_KEYS=key1,key2); none = no auth")
+    sv.set_defaults(fn=cmd_serve)
 
     o = sub.add_parser("options", help="print every recipe option with its default and description (Markdown)")
     o.set_defaults(fn=cmd_options)

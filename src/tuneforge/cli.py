@@ -175,12 +175,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _adapters(specs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise TuneforgeError(f"--adapter {spec!r}: write it as NAME=RUN_DIR")
+        out[name] = path
+    return out
+
+
 def cmd_serve(args) -> int:
     from .serve import ServeConfig, load_api_keys, serve
 
     cfg = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, batching=not args.no_batching,
                       max_items=args.max_items, max_text_chars=args.max_text_chars,
-                      max_body_bytes=args.max_body_mb << 20, api_keys=load_api_keys(file=args.api_key_file))
+                      max_body_bytes=args.max_body_mb << 20, api_keys=load_api_keys(file=args.api_key_file),
+                      adapters=_adapters(args.adapter))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_keys:
         _console().print(f"[yellow]warning: serving on {args.host} without API keys; set TUNEFORGE_API_KEYS or "
                          "--api-key-file to require one[/]")
@@ -299,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-mb", type=int, default=8, help="request body limit, checked before reading it")
     sv.add_argument("--api-key-file", default=None,
                     help="file with one API key per line (also: TUNEFORGE_API_KEYS=key1,key2); none = no auth")
+    sv.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
+                    help="serve another LoRA run of the same base too, chosen per request with \"adapter\": NAME "
+                         "(one base model in memory)")
     sv.set_defaults(fn=cmd_serve)
 
     o = sub.add_parser("options", help="print every recipe option with its default and description (Markdown)")

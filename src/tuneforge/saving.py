@@ -167,14 +167,15 @@ class Predictor:
     def predict(self, inputs: list) -> list[dict]:
         return self.format(self.predict_proba(list(inputs)))
 
-    def format(self, probs: torch.Tensor) -> list[dict]:
+    def format(self, probs: torch.Tensor, labels=None) -> list[dict]:
         """(N, C) probabilities -> ``{"label", "scores"}`` per row, labels in the user's own type."""
+        labels = labels if labels is not None else self.labels
         results = []
         for row in probs:
-            scores = {str(self.labels.names[j]): round(float(p), 6) for j, p in enumerate(row)}
-            if self.labels.multi_label:
-                label = [self.labels.name(j) for j, p in enumerate(row) if p >= 0.5]
+            scores = {str(labels.names[j]): round(float(p), 6) for j, p in enumerate(row)}
+            if labels.multi_label:
+                label = [labels.name(j) for j, p in enumerate(row) if p >= 0.5]
             else:
-                label = self.labels.name(int(row.argmax()))
+                label = labels.name(int(row.argmax()))
             results.append({"label": label, "scores": scores})
         return results

@@ -41,6 +41,7 @@ class ServeConfig:
     max_body_bytes: int = 8 << 20
     max_image_pixels: int = 40_000_000
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> LoRA run on the same base, chosen per request
 
 
 def load_api_keys(env: str = "TUNEFORGE_API_KEYS", file: str | None = None) -> list[str]:
@@ -69,17 +70,19 @@ class _Batcher:
             await self.queue.join()  # in-flight requests finish first
             self.task.cancel()
 
-    async def submit(self, inputs: list) -> torch.Tensor:
+    async def submit(self, inputs: list, adapter: str = "default") -> torch.Tensor:
         if not self.cfg.batching:
             async with self.lock:
                 self.metrics["batch"].observe(len(inputs))
-                return await asyncio.to_thread(self._infer, inputs)
+                return await asyncio.to_thread(self._infer, inputs, adapter)
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((inputs, future))
+        await self.queue.put((inputs, future, adapter))
         return await future
 
-    def _infer(self, inputs: list) -> torch.Tensor:
+    def _infer(self, inputs: list, adapter: str = "default") -> torch.Tensor:
         p = self.predictor
+        if self.cfg.adapters:
+            p.model.set_adapter(adapter)  # only this worker thread runs the model: switching is safe
         with torch.inference_mode():
             batch = p.task.encode_inputs(inputs)
             logits = p.model(**{k: v.to(p.device) for k, v in batch.items()})
@@ -96,8 +99,9 @@ class _Batcher:
                     item = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout)
                 except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
-                if size + len(item[0]) > self.cfg.max_batch_size:
-                    await self._answer(group)  # this one starts the next batch
+                # a full batch, or another adapter: answer what we have; this one starts the next batch
+                if size + len(item[0]) > self.cfg.max_batch_size or item[2] != group[0][2]:
+                    await self._answer(group)
                     group, size = [item], len(item[0])
                     deadline = time.perf_counter() + self.cfg.max_wait_ms / 1000
                     continue
@@ -106,17 +110,17 @@ class _Batcher:
             await self._answer(group)
 
     async def _answer(self, group: list) -> None:
-        inputs = [x for request, _ in group for x in request]
+        inputs = [x for request, _, _ in group for x in request]
         self.metrics["batch"].observe(len(inputs))
         try:
-            probs = await asyncio.to_thread(self._infer, inputs)
+            probs = await asyncio.to_thread(self._infer, inputs, group[0][2])
             start = 0
-            for request, future in group:
+            for request, future, _ in group:
                 if not future.done():
                     future.set_result(probs[start:start + len(request)])
                 start += len(request)
         except Exception as err:  # every waiting request learns of it
-            for _, future in group:
+            for _, future, _ in group:
                 if not future.done():
                     future.set_exception(err)
         finally:
@@ -140,6 +144,7 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
     run_dir = Path(run_dir)
     predictor = Predictor(run_dir)
     modality = predictor.meta["modality"]
+    label_maps = {"default": predictor.labels, **_load_adapters(predictor, run_dir, cfg.adapters)}
     registry = CollectorRegistry()
     metrics = {
         "requests": Counter("tuneforge_requests", "Requests by endpoint and status", ["endpoint", "status"],
@@ -221,6 +226,7 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
         """Text models: ``{"inputs": ["text", ...]}``. Image models: ``{"images": ["<base64>", ...]}``
         or multipart files under ``images``. Returns ``{"predictions": [{"label", "scores"}, ...]}``."""
         ctype = request.headers.get("content-type", "")
+        adapter = request.query_params.get("adapter", "default")  # multipart: ?adapter=NAME
         if modality == "image" and ctype.startswith("multipart/"):
             form = await request.form(max_files=cfg.max_items + 1)
             files = form.getlist("images")
@@ -229,6 +235,8 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
             if len(files) > cfg.max_items:
                 fail(413, "too_many", f"{len(files)} images; at most {cfg.max_items} per request")
             inputs = [decode_image(await f.read(), i) for i, f in enumerate(files)]
+            if adapter not in label_maps:
+                fail(422, "bad_request", f"unknown adapter {adapter!r}; this server has: {', '.join(label_maps)}")
         else:
             try:
                 body = json.loads(await read_body(request) or b"null")
@@ -240,6 +248,9 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
                 hint = f" ('{other}' is for {'image' if other == 'images' else 'text'} models)" \
                     if isinstance(body, dict) and other in body else ""
                 fail(422, "bad_request", f"this is a {modality} model: send {{\"{field_name}\": [...]}}{hint}")
+            adapter = body.pop("adapter", adapter) if isinstance(body, dict) else adapter
+            if adapter not in label_maps:
+                fail(422, "bad_request", f"unknown adapter {adapter!r}; this server has: {', '.join(label_maps)}")
             unknown = sorted(set(body) - {field_name})
             if unknown:
                 fail(422, "bad_request", f"unknown field(s) {', '.join(unknown)}; only '{field_name}' is accepted")
@@ -264,8 +275,8 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
                     except (ValueError, TypeError):
                         fail(422, "bad_image", f"images[{i}] is not valid base64")
                     inputs.append(decode_image(data, i))
-        probs = await batcher.submit(inputs)
-        return {"predictions": predictor.format(probs)}
+        probs = await batcher.submit(inputs, adapter)
+        return {"predictions": predictor.format(probs, label_maps[adapter])}
 
     @app.get("/v1/model")
     async def model_info():
@@ -279,6 +290,7 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
                             for s in ("validation", "test") if s in evaluation},
                 "manifest": {k: manifest.get(k) for k in ("status", "created", "device", "precision", "steps")
                              if k in manifest},
+                "adapters": {name: labels.names for name, labels in label_maps.items()} if cfg.adapters else None,
                 "batching": {"on": cfg.batching, "max_batch_size": cfg.max_batch_size, "max_wait_ms": cfg.max_wait_ms}}
 
     @app.get("/health")
@@ -290,6 +302,42 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _load_adapters(predictor, run_dir: Path, adapters: dict[str, str]) -> dict:
+    """Load more LoRA runs of the same base into the one model (peft keeps one copy of the
+    base weights and a small A/B pair + head per adapter); -> name -> label map."""
+    from .saving import load_model_dir  # noqa: F401  (the layout checks below mirror it)
+    from .tasks import LabelMap
+
+    if not adapters:
+        return {}
+    if not hasattr(predictor.model, "load_adapter") or predictor.meta.get("layout") != "peft-adapter":
+        raise TuneforgeError(f"--adapter needs a LoRA run to serve first; {run_dir} is a "
+                             f"{predictor.meta.get('strategy')} run")
+    out = {}
+    for name, other in adapters.items():
+        if name == "default":
+            raise TuneforgeError("the adapter name 'default' is the served run's own; pick another name")
+        model_dir = Path(other) / "model" if (Path(other) / "model" / "tuneforge.json").exists() else Path(other)
+        meta_path = model_dir / "tuneforge.json"
+        if not meta_path.exists():
+            raise TuneforgeError(f"--adapter {name}={other}: not a tuneforge run directory")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("layout") != "peft-adapter" or meta.get("strategy") != "lora":
+            raise TuneforgeError(f"--adapter {name}={other} is a {meta.get('strategy')} run; only LoRA runs share a base")
+        if meta.get("base_model") != predictor.meta.get("base_model"):
+            raise TuneforgeError(f"--adapter {name}={other} was trained on base {meta['base_model'].get('name')}, the "
+                                 f"served run on {predictor.meta['base_model'].get('name')}; adapters must share a base")
+        labels = LabelMap.from_json(json.loads((model_dir / "labels.json").read_text()))
+        if len(labels) != len(predictor.labels):
+            raise TuneforgeError(f"--adapter {name}={other} has {len(labels)} labels and the served run "
+                                 f"{len(predictor.labels)}; serve runs with different label counts separately")
+        predictor.model.load_adapter(str(model_dir / "adapter"), adapter_name=name)
+        out[name] = labels
+    predictor.model.set_adapter("default")
+    predictor.model.eval()
+    return out
 
 
 def serve(run_dir, *, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None) -> None:

@@ -161,3 +161,25 @@ def test_concurrent_requests_on_a_real_server(text_run, batching):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_several_lora_adapters_over_one_base(tiny_bert_dir, tmp_path):
+    # two LoRA runs of the same base with opposite labels: each request gets its adapter's answer
+    train = write_text_csv(tmp_path / "train.csv", n=32)
+    flipped = write_text_csv(tmp_path / "flipped.csv", n=32, labels=("neg", "pos"))  # same texts, labels swapped
+    lora = {"epochs": 3, "lr": 2e-2}
+    a = finetune(text_recipe(tiny_bert_dir, train, tmp_path / "a", "lora", train=lora)).path
+    b = finetune(text_recipe(tiny_bert_dir, flipped, tmp_path / "b", "lora", train=lora)).path
+    with TestClient(create_app(a, ServeConfig(adapters={"flipped": str(b)}))) as client:
+        default = client.post("/v1/predict", json={"inputs": TEXTS}).json()["predictions"]
+        other = client.post("/v1/predict", json={"inputs": TEXTS, "adapter": "flipped"}).json()["predictions"]
+        _same(default, load(a).predict(TEXTS))
+        _same(other, load(b).predict(TEXTS))
+        assert client.get("/v1/model").json()["adapters"].keys() == {"default", "flipped"}
+        r = client.post("/v1/predict", json={"inputs": TEXTS, "adapter": "nope"})
+        assert r.status_code == 422 and "flipped" in r.json()["detail"]
+    full = finetune(text_recipe(tiny_bert_dir, train, tmp_path / "full", train={"epochs": 1})).path
+    from tuneforge import TuneforgeError
+
+    with pytest.raises(TuneforgeError, match="only LoRA runs share a base"):
+        create_app(a, ServeConfig(adapters={"x": str(full)}))

@@ -289,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export a run's model (onnx, safetensors), checked for parity with the original")
     ex.add_argument("run_dir")
-    ex.add_argument("--format", required=True, choices=["onnx", "safetensors"],
+    ex.add_argument("--format", required=True, choices=["onnx", "safetensors", "hf"],
                     help="onnx: a graph for onnxruntime (dynamic batch/sequence axes) + tokenizer/preprocessing; "
-                         "safetensors: plain weights + config, loadable by tuneforge.load without the recipe")
+                         "safetensors: plain weights + config, loadable by tuneforge.load without the recipe; "
+                         "hf: a Hugging Face encoder directory (LoRA/IA3 merged) + head + pooling, for plain transformers")
     ex.add_argument("--out", required=True, help="directory to write (must be empty unless --overwrite)")
     ex.add_argument("--quantize", choices=["int8"], default=None, help="onnx only: dynamic int8 weights (CPU)")
     ex.add_argument("--samples", type=int, default=16, help="rows of the run's data used for the parity check")

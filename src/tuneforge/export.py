@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import TuneforgeError
 
-FORMATS = ("onnx", "safetensors")
+FORMATS = ("onnx", "safetensors", "hf")
 TOLERANCE = 1e-4  # fp32 exports: max |logit difference| / max(1, max |logit|)
 INT8_MIN_AGREEMENT = 0.9  # dynamic int8: share of sample predictions that must keep their label
 
@@ -104,6 +104,8 @@ def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: 
         t0 = time.perf_counter()
         if fmt == "onnx":
             report = _export_onnx(model, task, labels, meta, inputs, reference, tmp, quantize)
+        elif fmt == "hf":
+            report = _export_hf(model, task, labels, meta, inputs, reference, tmp)
         else:
             report = _export_safetensors(model, meta, run_dir, inputs, reference, tmp)
         report.update(format=fmt, source=str(run_dir), samples=where, seconds=round(time.perf_counter() - t0, 2))
@@ -236,4 +238,78 @@ def _export_safetensors(model, meta, run_dir: Path, inputs: dict, reference, tmp
         got = again(**inputs).float()
     report = {"files": sorted(p.name for p in tmp.iterdir()), **_compare(reference, got, TOLERANCE, 1.0)}
     _fail(report, "safetensors")
+    return report
+
+
+HF_README = """# {name}
+
+Exported by tuneforge from `{source}` ({strategy}{merged}). Plain `transformers`, no tuneforge:
+
+```python
+import json, torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("DIR")
+encoder = AutoModel.from_pretrained("DIR").eval()
+head = load_file("DIR/classifier_head.safetensors")       # weight (C, H), bias (C,)
+config = json.load(open("DIR/tuneforge_head.json"))       # pooling, labels, max_length
+
+enc = tok(["some text"], padding=True, truncation=True, max_length=config["max_length"], return_tensors="pt")
+hidden = encoder(**enc).last_hidden_state                  # (B, T, H)
+if config["pooling"] == "cls":
+    pooled = hidden[:, 0]
+else:                                                      # mean over real tokens
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+logits = pooled @ head["weight"].T + head["bias"]
+labels = [config["labels"][i] for i in logits.argmax(-1)]
+```
+"""
+
+
+def _hf_logits(directory: Path, inputs: dict) -> torch.Tensor:
+    """Exactly the README's plain-transformers code: the parity check runs what a user would."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(str(directory)).eval()
+    head = load_file(str(directory / "classifier_head.safetensors"))
+    config = json.loads((directory / "tuneforge_head.json").read_text())
+    with torch.inference_mode():
+        hidden = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        if config["pooling"] == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return (pooled @ head["weight"].T + head["bias"]).float()
+
+
+def _export_hf(model, task, labels, meta, inputs: dict, reference, tmp: Path) -> dict:
+    """A Hugging Face directory: the encoder (LoRA/IA3 merged into it), its tokenizer, the
+    head as safetensors and the pooling; loads with plain ``transformers``."""
+    from safetensors.torch import save_file
+
+    if task.modality != "text" or meta.get("base_spec", {}).get("kind") != "hf":
+        raise TuneforgeError("--format hf is for Hugging Face text models; for image models use --format onnx "
+                             "or --format safetensors")
+    if meta.get("layout") == "base+trainable" and meta["strategy"] != "bitfit":
+        raise TuneforgeError(f"strategy {meta['strategy']} adds modules a plain transformers model does not have; "
+                             "use --format onnx")
+    plain = _plain_model(model, meta)
+    plain.backbone.save_pretrained(str(tmp), safe_serialization=True)
+    task.tokenizer.save_pretrained(str(tmp))
+    save_file({k: v.detach().contiguous() for k, v in plain.task_head.state_dict().items()},
+              str(tmp / "classifier_head.safetensors"))
+    head = {"pooling": meta["task"].get("pooling", "mean"), "max_length": task.max_length,
+            "labels": [labels.name(i) for i in range(len(labels))], "multi_label": labels.multi_label,
+            "activation": "sigmoid" if labels.multi_label else "softmax"}
+    (tmp / "tuneforge_head.json").write_text(json.dumps(head, indent=2))
+    merged = " merged into the encoder" if hasattr(model, "merge_and_unload") else ""
+    (tmp / "README.md").write_text(HF_README.format(name=tmp.name, source=meta.get("base_model", {}).get("name"),
+                                                    strategy=meta["strategy"], merged=merged))
+    report = {"files": sorted(p.name for p in tmp.iterdir()), "merged": bool(merged),
+              **_compare(reference, _hf_logits(tmp, inputs), TOLERANCE, 1.0)}
+    _fail(report, "hf")
     return report

@@ -117,3 +117,20 @@ def test_export_cli(text_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[0])["check"] == "passed"
     assert (out / "model.onnx").exists() and (out / "labels.json").exists()
+
+
+@pytest.mark.parametrize("which", ["text_run", "lora_run"])
+def test_hf_export_runs_with_plain_transformers(which, request, tmp_path):
+    run = request.getfixturevalue(which)
+    out = tmp_path / "hf"
+    report = export_run(run, "hf", out, log=lambda *_: None)
+    assert report["check"] == "passed" and report["merged"] is (which == "lora_run")
+    assert (out / "config.json").exists() and (out / "README.md").exists() and not (out / "adapter_config.json").exists()
+    # the README's snippet, run in a fresh interpreter without tuneforge on the path
+    code = (out / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0].replace("DIR", str(out))
+    code = code.replace('["some text"]', '["good fun film", "bad bad film"]') + "\nprint(json.dumps(labels))\n"
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = [p["label"] for p in load(run).predict(["good fun film", "bad bad film"])]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected

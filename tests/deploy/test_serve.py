@@ -183,3 +183,27 @@ def test_several_lora_adapters_over_one_base(tiny_bert_dir, tmp_path):
 
     with pytest.raises(TuneforgeError, match="only LoRA runs share a base"):
         create_app(a, ServeConfig(adapters={"x": str(full)}))
+
+
+def test_shutdown_finishes_in_flight_requests(text_run):
+    import uvicorn
+
+    # a long batching window keeps the request waiting inside the server when shutdown begins
+    cfg = ServeConfig(max_batch_size=64, max_wait_ms=400)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(text_run, cfg), host="127.0.0.1", port=port,
+                                           log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(httpx.post, f"http://127.0.0.1:{port}/v1/predict", json={"inputs": TEXTS}, timeout=30)
+        time.sleep(0.15)
+        server.should_exit = True  # what SIGTERM does
+        response = reply.result()
+    thread.join(timeout=15)
+    assert response.status_code == 200 and len(response.json()["predictions"]) == len(TEXTS)
+    assert not thread.is_alive()

@@ -259,6 +259,9 @@ enc = tok(["some text"], padding=True, truncation=True, max_length=config["max_l
 hidden = encoder(**enc).last_hidden_state                  # (B, T, H)
 if config["pooling"] == "cls":
     pooled = hidden[:, 0]
+elif config["pooling"] == "last":                          # the last real token (decoder LLMs)
+    last = (enc["attention_mask"] * torch.arange(hidden.shape[1])).argmax(1)
+    pooled = hidden[torch.arange(hidden.shape[0]), last]
 else:                                                      # mean over real tokens
     mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -280,6 +283,9 @@ def _hf_logits(directory: Path, inputs: dict) -> torch.Tensor:
         hidden = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
         if config["pooling"] == "cls":
             pooled = hidden[:, 0]
+        elif config["pooling"] == "last":
+            last = (inputs["attention_mask"] * torch.arange(hidden.shape[1])).argmax(1)
+            pooled = hidden[torch.arange(hidden.shape[0]), last]
         else:
             mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -41,7 +41,7 @@ class TaskSection(_Section):
     label_separator: str = Field(",", description="Separator between labels inside one cell for multi-label CSV/TSV data.")
     max_length: Optional[int] = Field(None, ge=8, description="Maximum tokens per text (longer texts are truncated); default: the model's limit, capped at 512.")
     truncation: Literal["truncate", "error"] = Field("truncate", description="Texts longer than max_length: cut them (and report how many), or stop with an error naming each row.")
-    pooling: Literal["mean", "cls"] = Field("mean", description="How token features become one vector for the text head.")
+    pooling: Literal["mean", "cls", "last"] = Field("mean", description="How token features become one vector for the text head: mean over real tokens, the first ([CLS]) token, or the last real token (use last for decoder LLMs such as Llama, Qwen, GPT-2: only the last token has seen the whole text).")
     image_size: Optional[int] = Field(None, ge=16, description="Square input size for images; default: the backbone's pretrained input size.")
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the classification head.")
 

@@ -113,6 +113,10 @@ class Classifier(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         if self.pooling == "cls":
             return hidden[:, 0]
+        if self.pooling == "last":  # decoder LLMs: the last real token has seen the whole text
+            positions = torch.arange(hidden.shape[1], device=hidden.device)  # (T,)
+            last = (attention_mask * positions).argmax(1)  # (B,) padding on either side
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
 

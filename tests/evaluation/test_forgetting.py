@@ -110,10 +110,10 @@ def test_best_checkpoint_respects_the_budget(monkeypatch, tmp_path):
     import tuneforge.engine.callbacks as callbacks
 
     saved = []
-    monkeypatch.setattr(callbacks, "save_checkpoint", lambda path, model, meta: saved.append(meta["step"]))
+    monkeypatch.setattr(callbacks, "save_checkpoint", lambda path, model, meta, **_: saved.append(meta["step"]))
     best = callbacks.BestCheckpoint(tmp_path, "accuracy", minimize=False)
     trainer = SimpleNamespace(state=SimpleNamespace(step=0, epoch_float=0.0, last_improved=False, best_metric=None,
-                                                    best_step=None), model=None)
+                                                    best_step=None), model=None, optimized_names=None)
     evals = [(1, 0.6, 0.30, False), (2, 0.7, 0.20, False),  # over budget: keep the least forgetting
              (3, 0.65, 0.05, True),                          # first within budget wins over any over it
              (4, 0.9, 0.50, False),                          # better accuracy, over budget: ignored

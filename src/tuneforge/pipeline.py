@@ -230,6 +230,7 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
         if state.stop_reason:
             log(state.stop_reason)
         final = _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, log, splits)
+        trainer.remeasure_peak()  # outside the timed training
         from .engine.throughput import peak_memory
 
         eval_s = sum(e.get("eval_seconds", 0.0) for e in state.evals)

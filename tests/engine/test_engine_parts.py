@@ -140,3 +140,17 @@ def test_depthwise_convolution_backward_flops_are_not_counted_as_dense():
     dense, depthwise = 2 * 16 * 16 * 9 * 64 * 2, 2 * 16 * 9 * 64 * 2
     assert fwd.get_total_flops() == dense + depthwise
     assert train == 2 * dense + 3 * depthwise
+
+
+@pytest.mark.parametrize("first,second,kept", [(10.0, 30.0, 30.0), (30.0, 10.0, 30.0)])
+def test_the_mfu_yardstick_keeps_the_higher_of_two_peak_measurements(monkeypatch, first, second, kept):
+    # A peak caught while the machine was busy is too low and would flatter MFU; a second
+    # look after training keeps the higher figure.
+    from tuneforge.engine import throughput
+    from tuneforge.engine.trainer import Trainer
+
+    monkeypatch.setattr(throughput, "measure_matmul_peak", lambda device, dtype: second)
+    trainer = Trainer.__new__(Trainer)
+    trainer.peak_flops, trainer.device, trainer.amp_dtype = first, torch.device("cpu"), None
+    trainer.remeasure_peak()
+    assert trainer.peak_flops == kept

@@ -338,6 +338,10 @@ def _build_trainer(recipe, task, splits, labels, model, strategy, run, device, a
     # Order matters: the resumable checkpoint records the state the others leave.
     callbacks = [MetricsLog(run.metrics_path, cfg.log_every),
                  BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.early_stopping.min_delta)]
+    if recipe.output.loggers:
+        from .evaluation.loggers import build_loggers
+
+        callbacks += build_loggers(recipe.output.loggers, run.path, cfg.log_every)  # after MetricsLog: reuse its loss
     if cfg.early_stopping.patience:
         callbacks.append(EarlyStopping(cfg.early_stopping.patience))
     callbacks.append(ResumeCheckpoint(run.checkpoints, cfg.save_every, cfg.keep_checkpoints))

@@ -142,6 +142,7 @@ class OutputSection(_Section):
     name: Optional[str] = Field(None, description="Run name used in the default directory.")
     overwrite: bool = Field(False, description="Allow writing into a directory that already holds a run.")
     save_model: bool = Field(True, description="Write the final model (best checkpoint) into <run>/model.")
+    loggers: list[Literal["tensorboard"]] = Field(default_factory=list, description="Also log to these experiment trackers (each an optional extra): tensorboard writes <run>/tensorboard.")
     report: bool = Field(True, description="Write <run>/report.html (self-contained) and the figures as PNGs in <run>/report/ at the end of the run.")
 
 

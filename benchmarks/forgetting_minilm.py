@@ -36,12 +36,13 @@ def write_task_b(src: Path, dst: Path, rows: int) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--retain-rows", type=int, default=872, help="A's dev sentences scored (872 = all)")
     p.add_argument("--out", default="runs/forgetting")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = {"model": {"name": "minilm-l6"}, "task": {"type": "text-classification", "max_length": 64}}
-    train = {"epochs": 1, "batch_size": 32, "eval_every": 25, "progress": False}
+    train = {"epochs": 1, "batch_size": 32, "eval_every": 16, "progress": False}
     a = tuneforge.finetune({**common,
                             "data": {"train": str(SST2 / "train.tsv"), "validation": str(SST2 / "dev.tsv"),
                                      "text_column": "sentence", "columns": {"validation": {"text_column": "content"}},
@@ -55,7 +56,7 @@ def main() -> None:
                                 "data": {"train": str(b_train), "max_train_rows": args.rows, "validation_split": 0.1},
                                 "strategy": {"name": strategy}, "train": {**train, "lr": lr, "head_lr": 2e-3},
                                 "retain": {"data": str(SST2 / "dev.tsv"), "text_column": "content",
-                                           "label_column": "label", "head_from": str(a.path), "max_rows": 872},
+                                           "label_column": "label", "head_from": str(a.path), "max_rows": args.retain_rows},
                                 "output": {"dir": str(out / f"B-{strategy}"), "overwrite": True}},
                                init_from=str(a.path))
         f = b.metrics["forgetting"]

@@ -392,6 +392,10 @@ def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, d
     strategy_callbacks = getattr(strategy, "callbacks", None)
     callbacks = [MetricsLog(run.metrics_path, cfg.log_every),
                  BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.early_stopping.min_delta)]
+    if recipe.output.loggers:
+        from .evaluation.loggers import build_loggers
+
+        callbacks += build_loggers(recipe.output.loggers, run.path, cfg.log_every)  # after MetricsLog: reuse its loss
     if cfg.early_stopping.patience:
         callbacks.append(EarlyStopping(cfg.early_stopping.patience))
     callbacks.append(ResumeCheckpoint(run.checkpoints, cfg.save_every, cfg.keep_checkpoints))

@@ -47,10 +47,10 @@ def _absolute(config: dict, manifest: dict) -> dict:
         if config["data"].get(split):
             recorded = (manifest.get("data") or {}).get(split, {}).get("path")
             config["data"][split] = recorded or str(cwd / config["data"][split])
-    for key in ("name", "weights"):
-        value = config["model"].get(key)
+    for section, key in (("model", "name"), ("model", "weights"), ("retain", "data"), ("retain", "head_from")):
+        value = (config.get(section) or {}).get(key)
         if value and not Path(value).is_absolute() and (cwd / value).exists():
-            config["model"][key] = str(cwd / value)
+            config[section][key] = str(cwd / value)
     return config
 
 
@@ -111,7 +111,11 @@ def reproduce(run_dir, *, output: str | None = None, console=None) -> dict:
     config = _absolute(config, manifest)
     out = Path(output) if output else run_dir.with_name(f"{run_dir.name}-repro-{datetime.now():%Y%m%d-%H%M%S}")
     config["output"]["dir"] = str(out)
-    run = finetune(config, console=console, argv=["tuneforge", "reproduce", str(run_dir)], overwrite=False)
+    init_from = manifest.get("init_from")  # a warm start repeats from the same weights
+    if init_from and not Path(init_from).is_absolute():
+        init_from = str(Path(manifest.get("cwd", ".")) / init_from)
+    run = finetune(config, console=console, argv=["tuneforge", "reproduce", str(run_dir)], overwrite=False,
+                   init_from=init_from)
     det = manifest["reproducibility"]["determinism"]
     exact = (manifest.get("precision") == "fp32" and det["deterministic_algorithms"] and not mismatched
              and not manifest["reproducibility"]["environment"].get("device", "cpu").startswith("cuda"))

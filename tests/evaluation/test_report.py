@@ -137,3 +137,20 @@ def test_a_failing_report_keeps_the_run(tiny_bert_dir, tmp_path, monkeypatch):
     assert "report could not be written" in console.file.getvalue() and "disk on fire" in console.file.getvalue()
     assert (run.path / "eval.json").exists() and (run.path / "model").is_dir()
     assert json.loads((run.path / "manifest.json").read_text())["status"] == "completed"
+
+
+def test_tensorboard_logger_writes_the_same_numbers(tiny_bert_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train = write_text_csv(tmp_path / "train.csv", n=24)
+    run = tuneforge.finetune(text_recipe(tiny_bert_dir, train, tmp_path / "run", "full",
+                                         train={"max_steps": 4, "eval_every": 2, "log_every": 1},
+                                         output={"loggers": ["tensorboard"], "report": False}))
+    acc = EventAccumulator(str(run.path / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "validation/accuracy", "validation/f1_macro", "lr/head"} <= set(tags)
+    evals = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    logged = {e.step: e.value for e in acc.Scalars("validation/loss")}
+    assert logged == {e["step"]: pytest.approx(e["loss"], rel=1e-6) for e in evals}
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]

@@ -26,25 +26,38 @@ from .base import register
 CANDIDATES = ("linear-probe", "partial", "lora", "full")
 EVIDENCE = "docs/auto-evidence.md"
 
-# Seconds per training example per million backbone parameters for `full` on the evidence
-# machine (2-core CPU), by modality: MiniLM-L6 (22.7M) and EfficientNet-Lite0 (3.4M, 64 px)
-# full fine-tuning throughput in docs/auto-evidence.md. Other strategies relative to full.
-CPU_SECONDS_PER_SAMPLE_PER_MPARAM = {"text": 1 / (140 * 22.7), "image": 1 / (80 * 3.4)}
-RELATIVE_COST = {"full": 1.0, "lora": 1.0, "partial": 0.5, "linear-probe": 0.35}
-# No GPU was lent for the evidence runs: a GPU is assumed this many times faster than the
-# 2-core CPU (a conservative figure for small models, where launch overheads dominate).
+# --- estimates (docs/auto-evidence.md, "Estimates") -------------------------------------------
+# Seconds per training example per million parameters for `full` on the evidence machine
+# (2-core CPU, quiet): MiniLM-L6 (22.7M) 140.9 samples/s and EfficientNet-Lite0 (3.4M, 64 px)
+# 85.5 images/s, PERFORMANCE.md. Other strategies relative to full, from the samples/s of the
+# sst2-1000 and digits-500 compare rows (same conditions within a set).
+CPU_SECONDS_PER_SAMPLE_PER_MPARAM = {"text": 1 / (140.9 * 22.7), "image": 1 / (85.5 * 3.4)}
+RELATIVE_COST = {"full": 1.0, "lora": 1.2, "partial": 0.65, "linear-probe": 0.25}
+# No GPU was lent for the evidence runs: a GPU is *assumed* this many times faster than the
+# 2-core CPU (conservative for small models, where launch overheads dominate).
 GPU_SPEEDUP = 10.0
-# Peak process memory: fixed cost (Python, torch, the loaders) plus bytes per parameter
-# (fp32 weights 4; full adds gradient + two AdamW moments = 16; frozen strategies keep
-# ~weights only, and activations scale with the model too).
-FIXED_MB = {"text": 900.0, "image": 700.0}
-BYTES_PER_PARAM = {"full": 20.0, "lora": 12.0, "partial": 10.0, "linear-probe": 6.0}
+# Peak memory = fixed cost + bytes per backbone parameter, fitted to the compare rows' peak RSS
+# (within ~15%): full keeps weights, gradients, two AdamW moments and activations.
+FIXED_MB = {"text": 950.0, "image": 950.0}
+BYTES_PER_PARAM = {"full": 36.0, "lora": 28.0, "partial": 12.0, "linear-probe": 3.0}
 
-# Examples per class below which fine-tuning the backbone did not pay (see EVIDENCE), and
-# above which full fine-tuning was clearly best.
-FEW_PER_CLASS = 60
-MANY_PER_CLASS = 2000
-LARGE_MODEL = 300e6  # parameters; beyond this on a CPU, full fine-tuning is not a practical default
+# --- rules (each cites its rows in docs/auto-evidence.md) ----------------------------------------
+# Text encoders: up to this many examples per class, `partial` matched or beat `full`
+# (sst2-100: 0.762 vs 0.766; sst2-1000: 0.794 vs 0.778) at 1.6x its speed and a 6x smaller
+# trained delta; with more, full fine-tuning was best (sst2-10000 rows; PERFORMANCE.md 8,000 rows).
+TEXT_MANY_PER_CLASS = 2000
+# Image CNNs (BatchNorm): full fine-tuning needs optimizer steps; below this many planned steps
+# the frozen-backbone strategies won by far (digits-100/500: full 0.32/0.35 vs 0.63/0.78), while
+# 135 steps of full reached 0.99 (PERFORMANCE.md image table). LoRA on 1x1 convolutions was
+# the worst choice at every image size measured.
+IMAGE_FULL_MIN_STEPS = 135
+# With fewer examples per class than this, keeping a couple of top groups trainable beat a
+# linear probe on images (digits-100, 10/class: partial 0.63 vs 0.59); with more, the probe won
+# (digits-500, 50/class: 0.78 vs 0.71).
+IMAGE_FEW_PER_CLASS = 30
+# Parameters beyond which full fine-tuning on a CPU is ruled out by arithmetic rather than by a
+# measured row: 36 bytes/parameter is ~10 GB of memory and hours per epoch.
+LARGE_MODEL = 300e6
 
 
 class AutoOptions(StrategyOptions):
@@ -74,24 +87,43 @@ def estimate_memory_mb(strategy: str, facts: dict) -> float:
 
 
 def preference(facts: dict) -> tuple[list[str], str]:
-    """Strategies in order of expected quality for this data size and model, and why."""
+    """Strategies in order of expected quality for this data, model and device, and why."""
     n, c, params = facts["train_examples"], max(1, facts["classes"]), facts["parameters"]
     per_class = n / c
+    steps = planned_steps(facts)
     on_cpu = not str(facts.get("device", "cpu")).startswith("cuda")
-    if per_class < FEW_PER_CLASS:
-        return (["linear-probe", "partial", "lora", "full"],
-                f"with about {per_class:.0f} examples per class (< {FEW_PER_CLASS}) fine-tuning the backbone "
-                "did not beat a linear probe in the evidence runs, and a frozen backbone cannot overfit it")
     if on_cpu and params > LARGE_MODEL:
         return (["lora", "partial", "linear-probe", "full"],
-                f"a {params / 1e6:.0f}M-parameter model on a CPU is too slow and memory-hungry to fine-tune in full; "
-                "LoRA trains a small fraction of it at close to full quality")
-    if per_class < MANY_PER_CLASS:
-        return (["full", "lora", "partial", "linear-probe"],
-                f"with {per_class:.0f} examples per class ({FEW_PER_CLASS}-{MANY_PER_CLASS}) full fine-tuning "
-                "gave the best validation accuracy in the evidence runs")
+                f"a {params / 1e6:.0f}M-parameter model on a CPU is too slow and memory-hungry to fine-tune in "
+                f"full (about {BYTES_PER_PARAM['full'] * params / 2**30:.0f} GB), and LoRA trains a small fraction of it")
+    if facts.get("modality") == "image":
+        if steps < IMAGE_FULL_MIN_STEPS:
+            if per_class < IMAGE_FEW_PER_CLASS:
+                return (["partial", "linear-probe", "full", "lora"],
+                        f"about {steps} optimizer steps are too few to fine-tune a whole image backbone "
+                        f"(< {IMAGE_FULL_MIN_STEPS}; digits-100/500 rows), and with {per_class:.0f} examples per class "
+                        f"(< {IMAGE_FEW_PER_CLASS}) training the top groups beat a linear probe (digits-100)")
+            return (["linear-probe", "partial", "full", "lora"],
+                    f"about {steps} optimizer steps are too few to fine-tune a whole image backbone "
+                    f"(< {IMAGE_FULL_MIN_STEPS}; digits-100/500 rows), and with {per_class:.0f} examples per class "
+                    f"a linear probe on the frozen features was best (digits-500)")
+        return (["full", "partial", "linear-probe", "lora"],
+                f"{steps} optimizer steps (>= {IMAGE_FULL_MIN_STEPS}) are enough for full fine-tuning of an image "
+                "backbone, which reached 0.99 on digits (PERFORMANCE.md)")
+    if per_class < TEXT_MANY_PER_CLASS:
+        return (["partial", "full", "lora", "linear-probe"],
+                f"with {per_class:.0f} examples per class (< {TEXT_MANY_PER_CLASS}) training the top layer groups "
+                "matched full fine-tuning on SST-2 (sst2-100, sst2-1000 rows) at a fraction of its cost")
     return (["full", "lora", "partial", "linear-probe"],
-            f"with {per_class:.0f} examples per class (>= {MANY_PER_CLASS}) full fine-tuning was clearly best")
+            f"with {per_class:.0f} examples per class (>= {TEXT_MANY_PER_CLASS}) full fine-tuning was best on SST-2 "
+            "(sst2-10000 rows)")
+
+
+def planned_steps(facts: dict) -> int:
+    train = facts.get("train", {})
+    per_step = train.get("batch_size", 32) * train.get("grad_accum", 1)
+    steps = int(-(-facts["train_examples"] // per_step) * float(train.get("epochs", 1)))
+    return min(steps, train["max_steps"]) if train.get("max_steps") else steps
 
 
 def decide(options: AutoOptions, facts: dict) -> dict:
@@ -131,7 +163,8 @@ def decide(options: AutoOptions, facts: dict) -> dict:
         f"{est[chosen]['memory_mb']:.0f} MB peak (from the throughput and memory in {EVIDENCE}). "
         f"Order considered: {', '.join(order)}. Set strategy.name to override.")
     return {"chosen": chosen, "options": options_class(chosen)(name=chosen), "reasons": reasons,
-            "paragraph": paragraph, "facts": {k: v for k, v in facts.items() if k != "train"},
+            "paragraph": paragraph,
+            "facts": {**{k: v for k, v in facts.items() if k != "train"}, "planned_steps": planned_steps(facts)},
             "estimates": est, "ruled_out": ruled_out, "evidence": EVIDENCE}
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from helpers import image_recipe, text_recipe, write_image_folder, write_text_csv
 from tuneforge.cli import main
 
-STRATEGIES = ["full", "linear-probe", "partial", "lora"]
+STRATEGIES = ["full", "linear-probe", "partial", "lora", "gradual-unfreeze", "auto"]
 
 
 @pytest.fixture(scope="module")

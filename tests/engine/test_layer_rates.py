@@ -173,3 +173,23 @@ def test_gradual_unfreeze_resumes_in_the_right_stage(tiny_bert_dir, tmp_path):
                for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (reference, crashed)]
     assert events[0] == events[1]
     assert sum(e["event"] == "unfreeze" for e in events[1]) == 3
+
+
+def test_layer_decay_on_an_image_backbone(tiny_timm_weights):
+    """timm groups (stem, blocks, head conv) drive the rates the same way; gradual-unfreeze's
+    optimizer holds every group from the start, frozen ones included."""
+    arch, weights = tiny_timm_weights
+    loaded = load_model(arch, weights=str(weights))
+    model = Classifier(loaded.backbone, loaded.info.feature_dim, 2, "image")
+    recipe = load_recipe({"task": {"type": "image-classification"}, "model": {"name": arch},
+                          "strategy": {"name": "gradual-unfreeze"}, "train": {"lr": 1e-2, "layer_decay": 0.5}})
+    s = get_strategy(recipe.strategy)
+    model = s.apply(model, loaded.info)
+    opt = build_optimizer(param_groups(model, loaded.info, recipe.train, s.will_train(model)), torch.device("cpu"))
+    n = len(loaded.info.layer_groups)
+    rates = sorted({round(g["lr"], 12) for g in opt.param_groups if g["name"] != "head"
+                    and not g["name"].startswith("head.")})
+    assert rates == sorted(round(1e-2 * 0.5 ** (n - i), 12) for i in range(n))
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.parameters()}  # every parameter, though only the head trains yet
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"task_head.weight", "task_head.bias"}

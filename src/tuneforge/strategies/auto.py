@@ -26,25 +26,38 @@ from .base import register
 CANDIDATES = ("linear-probe", "partial", "lora", "full")
 EVIDENCE = "docs/auto-evidence.md"
 
-# Seconds per training example per million backbone parameters for `full` on the evidence
-# machine (2-core CPU), by modality: MiniLM-L6 (22.7M) and EfficientNet-Lite0 (3.4M, 64 px)
-# full fine-tuning throughput in docs/auto-evidence.md. Other strategies relative to full.
-CPU_SECONDS_PER_SAMPLE_PER_MPARAM = {"text": 1 / (140 * 22.7), "image": 1 / (80 * 3.4)}
-RELATIVE_COST = {"full": 1.0, "lora": 1.0, "partial": 0.5, "linear-probe": 0.35}
-# No GPU was lent for the evidence runs: a GPU is assumed this many times faster than the
-# 2-core CPU (a conservative figure for small models, where launch overheads dominate).
+# --- estimates (docs/auto-evidence.md, "Estimates") -------------------------------------------
+# Seconds per training example per million parameters for `full` on the evidence machine
+# (2-core CPU, quiet): MiniLM-L6 (22.7M) 140.9 samples/s and EfficientNet-Lite0 (3.4M, 64 px)
+# 85.5 images/s, PERFORMANCE.md. Other strategies relative to full, from the samples/s of the
+# sst2-1000 and digits-500 compare rows (same conditions within a set).
+CPU_SECONDS_PER_SAMPLE_PER_MPARAM = {"text": 1 / (140.9 * 22.7), "image": 1 / (85.5 * 3.4)}
+RELATIVE_COST = {"full": 1.0, "lora": 1.2, "partial": 0.65, "linear-probe": 0.25}
+# No GPU was lent for the evidence runs: a GPU is *assumed* this many times faster than the
+# 2-core CPU (conservative for small models, where launch overheads dominate).
 GPU_SPEEDUP = 10.0
-# Peak process memory: fixed cost (Python, torch, the loaders) plus bytes per parameter
-# (fp32 weights 4; full adds gradient + two AdamW moments = 16; frozen strategies keep
-# ~weights only, and activations scale with the model too).
-FIXED_MB = {"text": 900.0, "image": 700.0}
-BYTES_PER_PARAM = {"full": 20.0, "lora": 12.0, "partial": 10.0, "linear-probe": 6.0}
+# Peak memory = fixed cost + bytes per parameter: the largest of each strategy's compare rows
+# (sst2-10000 for text), so a budget errs on the safe side. LoRA measured *more* than full on
+# these small models (peft keeps the base layer's activations and its own dropout copies);
+# activations do not grow with the parameter count, so for large models this overestimates it.
+FIXED_MB = {"text": 950.0, "image": 950.0}
+BYTES_PER_PARAM = {"full": 52.0, "lora": 74.0, "partial": 27.0, "linear-probe": 6.0}
 
-# Examples per class below which fine-tuning the backbone did not pay (see EVIDENCE), and
-# above which full fine-tuning was clearly best.
-FEW_PER_CLASS = 60
-MANY_PER_CLASS = 2000
-LARGE_MODEL = 300e6  # parameters; beyond this on a CPU, full fine-tuning is not a practical default
+# --- rules (each cites its rows in docs/auto-evidence.md) ----------------------------------------
+# Text encoders: below this many examples per class, `partial` matched or beat `full`
+# (sst2-100: 0.762 vs 0.766; sst2-1000: 0.794 vs 0.778) at about twice its speed and a 6x
+# smaller trained delta; at 5,000 per class (sst2-10000) full was the best of the four, though
+# by little (0.852 vs partial 0.848, lora 0.844, linear-probe 0.808).
+TEXT_MANY_PER_CLASS = 5000
+# Image CNNs (BatchNorm): full fine-tuning needs optimizer steps. Below this many planned steps
+# it lost to `partial` in every digits set (12/16/45 steps: full 0.32/0.35/0.90 vs partial
+# 0.63/0.71/0.93; the linear probe 0.59/0.78/0.85), while 135 steps of full reached 0.99
+# (PERFORMANCE.md image table). LoRA on 1x1 convolutions was the worst image strategy throughout.
+IMAGE_FULL_MIN_STEPS = 135
+# Parameters beyond which full fine-tuning on a CPU is ruled out by arithmetic rather than by a
+# measured row: weights, gradients and two AdamW moments alone are 16 bytes per parameter
+# (~5 GB at 300M) before activations, against LoRA's ~4, and hours per epoch.
+LARGE_MODEL = 300e6
 
 
 class AutoOptions(StrategyOptions):
@@ -74,24 +87,39 @@ def estimate_memory_mb(strategy: str, facts: dict) -> float:
 
 
 def preference(facts: dict) -> tuple[list[str], str]:
-    """Strategies in order of expected quality for this data size and model, and why."""
+    """Strategies in order of expected quality for this data, model and device, and why."""
     n, c, params = facts["train_examples"], max(1, facts["classes"]), facts["parameters"]
     per_class = n / c
+    steps = planned_steps(facts)
     on_cpu = not str(facts.get("device", "cpu")).startswith("cuda")
-    if per_class < FEW_PER_CLASS:
-        return (["linear-probe", "partial", "lora", "full"],
-                f"with about {per_class:.0f} examples per class (< {FEW_PER_CLASS}) fine-tuning the backbone "
-                "did not beat a linear probe in the evidence runs, and a frozen backbone cannot overfit it")
     if on_cpu and params > LARGE_MODEL:
         return (["lora", "partial", "linear-probe", "full"],
-                f"a {params / 1e6:.0f}M-parameter model on a CPU is too slow and memory-hungry to fine-tune in full; "
-                "LoRA trains a small fraction of it at close to full quality")
-    if per_class < MANY_PER_CLASS:
-        return (["full", "lora", "partial", "linear-probe"],
-                f"with {per_class:.0f} examples per class ({FEW_PER_CLASS}-{MANY_PER_CLASS}) full fine-tuning "
-                "gave the best validation accuracy in the evidence runs")
+                f"a {params / 1e6:.0f}M-parameter model on a CPU is too slow and memory-hungry to fine-tune in "
+                f"full (weights, gradients and AdamW state alone are about {16 * params / 2**30:.0f} GB), and LoRA "
+                "trains a small fraction of it")
+    if facts.get("modality") == "image":
+        if steps < IMAGE_FULL_MIN_STEPS:
+            return (["partial", "linear-probe", "full", "lora"],
+                    f"about {steps} optimizer steps are too few to fine-tune a whole image backbone "
+                    f"(< {IMAGE_FULL_MIN_STEPS}), and training its top layer groups was the best or second-best "
+                    "strategy in every short digits run (digits-100/500/1437 rows)")
+        return (["full", "partial", "linear-probe", "lora"],
+                f"{steps} optimizer steps (>= {IMAGE_FULL_MIN_STEPS}) are enough for full fine-tuning of an image "
+                "backbone, which reached 0.99 on digits (PERFORMANCE.md)")
+    if per_class < TEXT_MANY_PER_CLASS:
+        return (["partial", "full", "lora", "linear-probe"],
+                f"with {per_class:.0f} examples per class (< {TEXT_MANY_PER_CLASS}) training the top layer groups "
+                "matched full fine-tuning on SST-2 (sst2-100, sst2-1000 rows) at about half its cost")
     return (["full", "lora", "partial", "linear-probe"],
-            f"with {per_class:.0f} examples per class (>= {MANY_PER_CLASS}) full fine-tuning was clearly best")
+            f"with {per_class:.0f} examples per class (>= {TEXT_MANY_PER_CLASS}) full fine-tuning was the best "
+            "strategy on SST-2 (sst2-10000 rows)")
+
+
+def planned_steps(facts: dict) -> int:
+    train = facts.get("train", {})
+    per_step = train.get("batch_size", 32) * train.get("grad_accum", 1)
+    steps = int(-(-facts["train_examples"] // per_step) * float(train.get("epochs", 1)))
+    return min(steps, train["max_steps"]) if train.get("max_steps") else steps
 
 
 def decide(options: AutoOptions, facts: dict) -> dict:
@@ -131,7 +159,8 @@ def decide(options: AutoOptions, facts: dict) -> dict:
         f"{est[chosen]['memory_mb']:.0f} MB peak (from the throughput and memory in {EVIDENCE}). "
         f"Order considered: {', '.join(order)}. Set strategy.name to override.")
     return {"chosen": chosen, "options": options_class(chosen)(name=chosen), "reasons": reasons,
-            "paragraph": paragraph, "facts": {k: v for k, v in facts.items() if k != "train"},
+            "paragraph": paragraph,
+            "facts": {**{k: v for k, v in facts.items() if k != "train"}, "planned_steps": planned_steps(facts)},
             "estimates": est, "ruled_out": ruled_out, "evidence": EVIDENCE}
 
 

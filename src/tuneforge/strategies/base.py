@@ -3,8 +3,9 @@
 The model a strategy sees is a task's ``Classifier``: ``model.backbone`` (the
 pretrained network) and ``model.task_head`` (new for this task; a name no backbone uses, since
 peft matches modules_to_save by suffix and timm models have `head`, `conv_head`). ``ModelInfo``
-layer groups name backbone sub-modules from stem to top, so freezing, learning
-rates and (later) layer-wise decay work by group, never by architecture.
+layer groups name backbone sub-modules from stem to top, so freezing, unfreezing
+schedules, learning rates and layer-wise decay work by group, never by architecture.
+Optimizer groups are built here for every strategy (``param_groups``), not per strategy.
 """
 
 from __future__ import annotations

@@ -36,10 +36,11 @@ def compare(recipe, strategies, *, overrides=None, output=None, isolate=True, co
 
 
 def load(path, device: str = "cpu"):
-    """Load a run (or its model/ directory) as a Predictor with .predict(inputs)."""
-    from .saving import Predictor
+    """Load a run (or its model/ directory) as a Predictor with .predict(inputs); a
+    ``tuneforge cv`` directory loads as the average of its fold models."""
+    from .saving import open_predictor
 
-    return Predictor(path, device=device)
+    return open_predictor(path, device=device)
 
 
 __all__ = ["Recipe", "TuneforgeError", "compare", "finetune", "load", "load_recipe", "__version__"]

@@ -106,12 +106,12 @@ def cmd_predict(args) -> int:
         console.print(f"predicted {counts['predicted']}, errors {counts['errors']}, malformed rows skipped "
                       f"{counts['skipped_rows']}" + (f" -> {args.out}" if args.out else ""))
         return 0 if counts["predicted"] or not (counts["errors"] or counts["skipped_rows"]) else 1
-    from .saving import Predictor
+    from .saving import open_predictor
 
     inputs = list(args.inputs or [])
     if not inputs:
         raise TuneforgeError("nothing to predict: give inputs as arguments or --file FILE")
-    predictor = Predictor(args.run_dir, batch_size=args.batch_size)
+    predictor = open_predictor(args.run_dir, batch_size=args.batch_size)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
         for i, result in enumerate(predictor.predict(inputs)):

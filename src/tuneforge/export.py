@@ -113,8 +113,12 @@ def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: 
             try:
                 truth = torch.tensor([labels.id(v, "sample") for v in label_values])
                 report["sample_accuracy_original"] = round(float((reference.argmax(-1) == truth).float().mean()), 4)
+                if "_int8_predictions" in report:
+                    report["int8"]["sample_accuracy"] = round(
+                        float((report["_int8_predictions"] == truth).float().mean()), 4)
             except TuneforgeError:
                 pass
+        report.pop("_int8_predictions", None)
         (tmp / "export.json").write_text(json.dumps(report, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -125,6 +129,11 @@ def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: 
             shutil.rmtree(tmp, ignore_errors=True)
     log(f"export {fmt}{' int8' if quantize else ''}: {out} — parity on {where}: max |logit diff| "
         f"{report['max_abs_diff']:.3g}, labels agree {report['label_agreement']:.1%} ({report['check']})")
+    if quantize:
+        q = report["int8"]
+        log(f"int8: {q['bytes']:,} bytes ({q['size_ratio']:.0%} of fp32)"
+            + (f"; sample accuracy {q['sample_accuracy']:.1%} (fp32 {report['sample_accuracy_original']:.1%})"
+               if "sample_accuracy" in q else ""))
     return report
 
 
@@ -177,7 +186,9 @@ def _export_onnx(model, task, labels, meta, inputs: dict, reference, tmp: Path, 
         qpath = tmp / "model.int8.onnx"
         quantize_dynamic(str(path), str(qpath), weight_type=QuantType.QInt8)
         session = ort.InferenceSession(str(qpath), providers=["CPUExecutionProvider"])
-        q = _compare(reference, torch.from_numpy(session.run(["logits"], feeds)[0]).float(), None, INT8_MIN_AGREEMENT)
+        q_logits = torch.from_numpy(session.run(["logits"], feeds)[0]).float()
+        q = _compare(reference, q_logits, None, INT8_MIN_AGREEMENT)
+        report["_int8_predictions"] = q_logits.argmax(-1)
         report["int8"] = {**q, "bytes": qpath.stat().st_size,
                           "size_ratio": round(qpath.stat().st_size / path.stat().st_size, 3)}
         _fail(q, "int8")

@@ -395,7 +395,7 @@ def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, d
     if recipe.output.loggers:
         from .evaluation.loggers import build_loggers
 
-        callbacks += build_loggers(recipe.output.loggers, run.path, cfg.log_every)  # after MetricsLog: reuse its loss
+        callbacks += build_loggers(recipe.output.loggers, run.path, cfg.log_every, recipe)  # after MetricsLog: reuse its loss
     if cfg.early_stopping.patience:
         callbacks.append(EarlyStopping(cfg.early_stopping.patience))
     callbacks.append(ResumeCheckpoint(run.checkpoints, cfg.save_every, cfg.keep_checkpoints))

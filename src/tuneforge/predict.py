@@ -72,11 +72,11 @@ def _encode(predictor, batch: list) -> tuple[dict | None, list, list]:
 
 def predict_file(run_dir, source: str, out: str | None, *, column: str | None = None, id_column: str | None = None,
                  batch_size: int = 64, on_error: str = "continue", progress: bool = True, console=None) -> dict:
-    from .saving import Predictor
+    from .saving import open_predictor
 
     if on_error not in ("continue", "stop"):
         raise TuneforgeError(f"--on-error must be continue or stop, got {on_error!r}")
-    predictor = Predictor(run_dir, batch_size=batch_size)
+    predictor = open_predictor(run_dir, batch_size=batch_size)
     skipped: list = []
     items, total = _items(predictor, source, column, id_column, skipped)
     sink = open(out, "w", encoding="utf-8") if out else sys.stdout
@@ -87,9 +87,7 @@ def predict_file(run_dir, source: str, out: str | None, *, column: str | None = 
         for batch in _batches(items, batch_size, progress, console, total):
             inputs, good, bad = _encode(predictor, batch)
             if inputs is not None:
-                with torch.inference_mode():
-                    logits = predictor.model(**{k: v.to(predictor.device) for k, v in inputs.items()})
-                probs = predictor.task.probabilities(logits).cpu()
+                probs = predictor.proba_from_encoded(inputs)
                 for (item_id, _), result in zip(good, predictor.format(probs)):
                     sink.write(json.dumps({"id": item_id, **result}) + "\n")
                 counts["predicted"] += len(good)

@@ -162,7 +162,7 @@ class OutputSection(_Section):
     save_model: bool = Field(True, description="Write the final model (best checkpoint) into <run>/model.")
     merge: bool = Field(False, description="lora / ia3: fold the trained update into the base weights and save a plain model (no peft needed to load it); the largest logit difference abs(merged - unmerged) on validation examples is printed, and above merge_tolerance the run fails.")
     merge_tolerance: float = Field(1e-4, gt=0, description="Largest logit difference abs(merged - unmerged) that output.merge accepts, in units of max(1, largest abs(logit)) (fp32, up to 16 validation examples).")
-    loggers: list[Literal["tensorboard"]] = Field(default_factory=list, description="Also log to these experiment trackers (each an optional extra): tensorboard writes <run>/tensorboard.")
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list, description="Also log to these experiment trackers (each an optional extra): tensorboard writes <run>/tensorboard; mlflow writes a local MLflow file store in <run>/mlruns (the recipe as parameters; view with mlflow ui --backend-store-uri <run>/mlruns).")
     report: bool = Field(True, description="Write <run>/report.html (self-contained) and the figures as PNGs in <run>/report/ at the end of the run.")
 
 

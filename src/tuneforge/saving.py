@@ -156,12 +156,14 @@ class Predictor:
         self.batch_size = batch_size
 
     @torch.inference_mode()
+    def proba_from_encoded(self, batch: dict) -> torch.Tensor:
+        logits = self.model(**{k: v.to(self.device) for k, v in batch.items()})  # (B, C)
+        return self.task.probabilities(logits).cpu()
+
     def predict_proba(self, inputs: list) -> torch.Tensor:
         out = []
         for i in range(0, len(inputs), self.batch_size):
-            batch = self.task.encode_inputs(inputs[i:i + self.batch_size])
-            logits = self.model(**{k: v.to(self.device) for k, v in batch.items()})  # (B, C)
-            out.append(self.task.probabilities(logits).cpu())
+            out.append(self.proba_from_encoded(self.task.encode_inputs(inputs[i:i + self.batch_size])))
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
     def predict(self, inputs: list) -> list[dict]:
@@ -179,3 +181,37 @@ class Predictor:
                 label = labels.name(int(row.argmax()))
             results.append({"label": label, "scores": scores})
         return results
+
+
+class EnsemblePredictor(Predictor):
+    """The fold models of a ``tuneforge cv`` directory, averaging their probabilities.
+
+    Every fold saw a different 1/K of the data as validation, so the average of the K
+    models is a common way to use all of it for prediction without another run."""
+
+    def __init__(self, path, device: str = "cpu", batch_size: int = 64):
+        summary = json.loads((Path(path) / "cv.json").read_text())
+        runs = [Path(f["run"]) for f in summary["per_fold"]]
+        missing = [str(r) for r in runs if not r.exists()]
+        if missing:
+            raise TuneforgeError(f"the cross-validation in {path} lists fold runs that are gone ({', '.join(missing[:3])}); "
+                                 "predict with a single run directory instead")
+        self.members = [Predictor(r, device=device, batch_size=batch_size) for r in runs]
+        first = self.members[0]
+        for run, member in zip(runs, self.members):
+            if member.labels.names != first.labels.names:
+                raise TuneforgeError(f"fold run {run} has labels {member.labels.names}, the first fold "
+                                     f"{first.labels.names}; the folds cannot be averaged — predict with one fold's run")
+        self.model, self.task, self.labels, self.meta = first.model, first.task, first.labels, dict(first.meta)
+        self.meta["ensemble_of"] = [str(r) for r in runs]
+        self.device, self.batch_size = first.device, batch_size
+
+    def proba_from_encoded(self, batch: dict) -> torch.Tensor:
+        return torch.stack([m.proba_from_encoded(batch) for m in self.members]).mean(0)
+
+
+def open_predictor(path, device: str = "cpu", batch_size: int = 64) -> Predictor:
+    """A run directory (or its model/), or a ``tuneforge cv`` directory (its folds' ensemble)."""
+    if (Path(path) / "cv.json").exists():
+        return EnsemblePredictor(path, device=device, batch_size=batch_size)
+    return Predictor(path, device=device, batch_size=batch_size)

@@ -64,6 +64,7 @@ def test_onnx_int8_reports_size_and_agreement(text_run, tmp_path):
     report = export_run(text_run, "onnx", tmp_path / "q", quantize="int8", log=lambda *_: None)
     assert report["files"] == ["model.int8.onnx"] and report["int8"]["size_ratio"] < 1.0
     assert report["check"] == "passed" and report["int8"]["label_agreement"] >= 0.9
+    assert 0.0 <= report["int8"]["sample_accuracy"] <= 1.0 and "sample_accuracy_original" in report
 
 
 def test_safetensors_export_of_lora_is_merged_and_loads_without_the_recipe(lora_run, tmp_path):

@@ -40,6 +40,16 @@ def test_cv_gives_k_runs_and_a_summary_of_their_means(tiny_bert_dir, tmp_path, c
         manifest = json.loads((tmp_path / "cv" / f"fold-{k}" / "manifest.json").read_text())
         assert manifest["status"] == "completed" and manifest["examples"]["validation"] == len(vals[k])
     assert (tmp_path / "cv" / "report.html").exists()
+    # the cv directory loads as the ensemble of its fold models: the mean of their probabilities
+    import torch
+
+    import tuneforge
+
+    texts = ["good fun film", "bad awful plot", "the film"]
+    ensemble = tuneforge.load(tmp_path / "cv")
+    members = torch.stack([tuneforge.load(tmp_path / "cv" / f"fold-{k}").predict_proba(texts) for k in range(3)])
+    torch.testing.assert_close(ensemble.predict_proba(texts), members.mean(0))
+    assert len(ensemble.meta["ensemble_of"]) == 3
 
 
 def test_grouped_folds_keep_each_group_on_one_side(tiny_bert_dir, tmp_path):

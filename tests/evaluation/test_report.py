@@ -154,3 +154,22 @@ def test_tensorboard_logger_writes_the_same_numbers(tiny_bert_dir, tmp_path):
     logged = {e.step: e.value for e in acc.Scalars("validation/loss")}
     assert logged == {e["step"]: pytest.approx(e["loss"], rel=1e-6) for e in evals}
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_mlflow_logger_writes_the_same_numbers_to_a_local_store(tiny_bert_dir, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the store back, as the logger writes it
+
+    train = write_text_csv(tmp_path / "train.csv", n=24)
+    run = tuneforge.finetune(text_recipe(tiny_bert_dir, train, tmp_path / "run", "full",
+                                         train={"max_steps": 4, "eval_every": 2, "log_every": 1},
+                                         output={"loggers": ["mlflow"], "report": False}))
+    client = MlflowClient(tracking_uri=(run.path / "mlruns").resolve().as_uri())
+    (logged_run,) = client.search_runs([client.get_experiment_by_name("tuneforge").experiment_id])
+    assert logged_run.info.status == "FINISHED" and logged_run.data.params["train.max_steps"] == "4"
+    evals = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    history = {m.step: m.value for m in client.get_metric_history(logged_run.info.run_id, "validation/loss")}
+    assert history == {e["step"]: pytest.approx(e["loss"], rel=1e-6) for e in evals}
+    steps = [m.step for m in client.get_metric_history(logged_run.info.run_id, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4]

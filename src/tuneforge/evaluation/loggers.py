@@ -44,9 +44,70 @@ class TensorBoardLog(Callback):
         self.writer.close()
 
 
-def build_loggers(names: list[str], run_path: Path, log_every: int) -> list[Callback]:
+class MLflowLog(Callback):
+    """The same scalars as TensorBoardLog, plus the resolved recipe as parameters, into an
+    MLflow *local file store* at ``<run>/mlruns`` (``mlflow ui --backend-store-uri
+    <run>/mlruns``). A private client: no global MLflow state is touched, nothing leaves
+    the machine."""
+
+    def __init__(self, directory: Path, log_every: int, run_name: str, params: dict):
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise TuneforgeError("output.loggers includes mlflow but the mlflow package is not installed: "
+                                 "pip install 'tuneforge[mlflow]' (or remove it from output.loggers)") from None
+        import os
+
+        # MLflow 3 refuses its file store unless asked: a local store next to the run, with no
+        # server or database to set up, is what this logger is for.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=Path(directory).resolve().as_uri())
+        experiment = self.client.get_experiment_by_name("tuneforge")
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("tuneforge")
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        for key, value in sorted(params.items())[:500]:  # MLflow caps a run's parameters
+            self.client.log_param(self.run_id, key[:250], str(value)[:500])
+        self.log_every = log_every
+
+    def _metric(self, key: str, value: float, step: int) -> None:
+        self.client.log_metric(self.run_id, key, float(value), step=step)
+
+    def on_step_end(self, trainer) -> None:
+        s = trainer.state
+        if s.step % self.log_every and s.step != trainer.total_steps:
+            return
+        for group, lr in trainer.current_lrs().items():
+            self._metric(f"lr/{group}", lr, s.step)
+        if s.last_train_loss is not None:
+            self._metric("train/loss", s.last_train_loss, s.step)
+        for key, value in (s.last_speed or {}).items():
+            self._metric(f"speed/{key}", value, s.step)
+
+    def on_eval_end(self, trainer, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._metric(f"validation/{key}", value, trainer.state.step)
+
+    def on_fit_end(self, trainer) -> None:
+        self.client.set_terminated(self.run_id, status="KILLED" if trainer.state.interrupted else "FINISHED")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def build_loggers(names: list[str], run_path: Path, log_every: int, recipe=None) -> list[Callback]:
     out = []
     for name in names:
         if name == "tensorboard":
             out.append(TensorBoardLog(run_path / "tensorboard", log_every))
+        elif name == "mlflow":
+            params = _flatten(recipe.model_dump(mode="json")) if recipe is not None else {}
+            out.append(MLflowLog(run_path / "mlruns", log_every, run_path.name, params))
     return out

@@ -307,7 +307,6 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
 def _load_adapters(predictor, run_dir: Path, adapters: dict[str, str]) -> dict:
     """Load more LoRA runs of the same base into the one model (peft keeps one copy of the
     base weights and a small A/B pair + head per adapter); -> name -> label map."""
-    from .saving import load_model_dir  # noqa: F401  (the layout checks below mirror it)
     from .tasks import LabelMap
 
     if not adapters:

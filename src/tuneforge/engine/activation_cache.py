@@ -45,11 +45,13 @@ def cacheable(model, strategy, task, recipe) -> tuple[bool, str]:
     return True, ""
 
 
-def _weights_digest(module: torch.nn.Module) -> str:
+def weights_digest(model: torch.nn.Module, names: list[str]) -> str:
+    """sha256 of the named sub-modules' weights and buffers (the frozen part a cache depends on)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name in names:
+        for key, tensor in sorted(model.get_submodule(name).state_dict().items()):
+            h.update(f"{name}.{key}".encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -105,7 +107,7 @@ def _compute(model, task, dataset, batch_size: int, device, autocast) -> np.ndar
 def build_cached_loaders(model, task, datasets: dict, recipe, device, autocast, precision: str, log) -> dict:
     """Replace each split's loader by one over cached backbone features."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    weights = _weights_digest(base.backbone)
+    weights = weights_digest(base, ["backbone"])
     preprocessing = {k: v for k, v in task.settings().items() if k != "truncated"}  # counts are not inputs
     settings = json.dumps({"format": FORMAT, "preprocessing": preprocessing, "pooling": recipe.task.pooling,
                            "precision": precision}, sort_keys=True, default=str)

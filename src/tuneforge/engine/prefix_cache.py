@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.batching import EpochBatchSampler
-from .activation_cache import MMAP_BYTES, _data_digest, cache_dir
+from .activation_cache import MMAP_BYTES, _data_digest, cache_dir, weights_digest
 
 FORMAT = 1
 KEY = "prefix_activations"
@@ -158,7 +158,7 @@ def _from_numpy(a, dtype: torch.dtype) -> torch.Tensor:
 def _compute(model, task, dataset, boundary: str, batch_size: int, device, autocast):
     """Output of the last frozen module for every example: (flat rows, offsets) for text,
     one fixed-shape array for images."""
-    rows: list | None = None
+    rows: list = [None] * len(dataset)
     captured = {}
 
     def hook(_m, _a, out):
@@ -169,7 +169,6 @@ def _compute(model, task, dataset, boundary: str, batch_size: int, device, autoc
     was_training = model.training
     model.eval()
     try:
-        rows = [None] * len(dataset)
         for batch in task.loader(dataset, batch_size, train=False, seed=0):
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
             try:
@@ -231,15 +230,6 @@ def _collate_fn(task, modality: str):
         return {"pixel_values": stacked.new_zeros((len(items), 3, 1, 1), dtype=torch.float32), "labels": labels,
                 "index": torch.tensor([it["index"] for it in items]), KEY: stacked}
     return collate
-
-
-def _weights_digest(model, names: list[str]) -> str:
-    h = hashlib.sha256()
-    for name in names:
-        for key, tensor in sorted(model.get_submodule(name).state_dict().items()):
-            h.update(f"{name}.{key}".encode())
-            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _load_or_compute(path: Path, compute):
@@ -308,7 +298,7 @@ def build_prefix_loaders(model, strategy, task, datasets: dict, recipe, device, 
         log(f"activation cache off: {why}")
         return None, None
     boundary = order[-1]
-    weights = _weights_digest(model, order)
+    weights = weights_digest(model, order)
     preprocessing = {k: v for k, v in task.settings().items() if k != "truncated"}
     settings = json.dumps({"format": FORMAT, "kind": "prefix", "frozen": order, "preprocessing": preprocessing,
                            "precision": precision}, sort_keys=True, default=str)

@@ -207,6 +207,59 @@ def cmd_reproduce(args) -> int:
     return 0 if result["ok"] else 1
 
 
+def cmd_generate(args) -> int:
+    from .llm.generation import Generator
+
+    prompts = list(args.prompt or [])
+    if args.file:
+        prompts += [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
+    if not prompts:
+        raise TuneforgeError("nothing to generate from: give --prompt TEXT (repeatable) or --file FILE (one prompt per line)")
+    gen = Generator(args.run_dir, device=args.device)
+    replies = gen.complete(prompts, raw=args.raw, greedy=not args.sample, seed=args.seed,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           system=args.system)
+    for prompt, reply in zip(prompts, replies):
+        print(json.dumps({"prompt": prompt, "reply": reply}) if args.json else reply)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .llm.generation import Generator
+
+    gen = Generator(args.run_dir, device=args.device)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    console = _console()
+    console.print("chat with the model: an empty line or Ctrl-D ends, /reset starts over", highlight=False)
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        if text.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = gen.reply(messages, greedy=not args.sample, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p)
+        messages.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}", flush=True)
+    return 0
+
+
+def _generation_args(p) -> None:
+    p.add_argument("run_dir", help="a causal-lm (or preference) run directory")
+    p.add_argument("--system", help="a system message before the conversation")
+    p.add_argument("--sample", action="store_true", help="sample (temperature / top-p) instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=int, help="longest reply (default: the run's task.generation.max_new_tokens)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the run's)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the run's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -315,6 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve another LoRA run of the same base too, chosen per request with \"adapter\": NAME "
                          "(one base model in memory)")
     sv.set_defaults(fn=cmd_serve)
+
+    g = sub.add_parser("generate", help="answer prompts with a causal-lm run's model")
+    _generation_args(g)
+    g.add_argument("--prompt", action="append", help="a user message (repeatable); the run's chat template wraps it")
+    g.add_argument("--file", help="a text file with one prompt per line")
+    g.add_argument("--raw", action="store_true", help="send the prompts exactly as given (no chat template)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt: {prompt, reply}")
+    g.set_defaults(fn=cmd_generate)
+
+    ch = sub.add_parser("chat", help="an interactive chat with a causal-lm run's model (stdin/stdout)")
+    _generation_args(ch)
+    ch.set_defaults(fn=cmd_chat)
 
     o = sub.add_parser("options", help="print every recipe option with its default and description (Markdown)")
     o.set_defaults(fn=cmd_options)

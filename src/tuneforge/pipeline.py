@@ -166,7 +166,8 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
     task = get_task(recipe)
     splits, skipped, rows = _read_splits(recipe, task, log)
     labels = task.label_map(splits["train"])
-    log(f"data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f" examples; {len(labels)} labels")
+    log(f"data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " examples"
+        + (f"; {len(labels)} labels" if len(labels) else ""))
     fingerprints = {s: file_fingerprint(getattr(recipe.data, s)) for s in rows}
 
     # 2. the model, also before anything is written: a wrong weights path or model
@@ -288,7 +289,7 @@ def _build_model(recipe, task, labels, device, init_from, log, n_train):
     t0 = time.perf_counter()
     m = recipe.model
     loaded = load_model(m.name, source=m.source, weights=m.weights, key_map=m.key_map,
-                        trust_remote_code=m.trust_remote_code)
+                        trust_remote_code=m.trust_remote_code, causal_lm=getattr(task, "generative", False))
     if loaded.info.modality != task.modality:
         raise TuneforgeError(
             f"model '{m.name}' is a {loaded.info.modality} model but task.type is {recipe.task.type}; "
@@ -431,6 +432,10 @@ def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run
     if "test" in loaders:
         final["test"] = trainer.evaluate(loaders["test"], "test")
     final["labels"] = labels.names
+    if hasattr(task, "after_training") and splits:  # causal-lm: generation on held-out prompts
+        generation = task.after_training(model, splits, run, trainer.device, trainer.autocast, log)
+        if generation:
+            final["generation"] = generation
     for cb in trainer.callbacks:
         if hasattr(cb, "summary"):  # forgetting (retain.data)
             final["forgetting"] = cb.summary(final["best_step"])

@@ -35,8 +35,26 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(False, description="Allow a Hugging Face model directory to run its own Python code. Off unless you trust the source.")
 
 
+class GenerationSection(_Section):
+    eval_prompts: int = Field(32, ge=0, description="causal-lm: after training, answer up to this many validation prompts and report exact match, ROUGE-L and BLEU against the reference replies (samples written to generations.jsonl); 0 turns it off.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest reply generated (evaluation, `tuneforge generate` and `chat`).")
+    sampled: bool = Field(True, description="Also evaluate one sampled reply per prompt (temperature/top_p) besides the greedy one.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling: sample from the smallest set of tokens holding this probability.")
+
+
 class TaskSection(_Section):
-    type: Literal["text-classification", "image-classification"] = Field("text-classification", description="What the model learns to do.")
+    type: Literal["text-classification", "image-classification", "causal-lm", "preference"] = Field("text-classification", description="What the model learns to do: classify texts or images, continue text / follow instructions (causal-lm, a decoder LLM), or prefer chosen over rejected replies (preference: DPO/SimPO).")
+    format: Literal["auto", "chat", "prompt-completion", "alpaca", "text"] = Field("auto", description="causal-lm data shape: chat {messages: [{role, content}]}, prompt-completion {prompt, completion}, alpaca {instruction, input, output}, text {text} or a .txt file; auto detects it per record.")
+    chat_template: Literal["auto", "tokenizer", "chatml", "llama", "none"] = Field("auto", description="How conversations become text: the tokenizer's own template, ChatML, Llama-2 chat, or none (texts concatenated; EOS after each reply). auto: the tokenizer's template for chat data when it has one, else chatml; none for prompt-completion, alpaca and text.")
+    train_on: Literal["completion", "last-turn", "all"] = Field("completion", description="causal-lm: which tokens carry loss: every assistant reply (completion), only the last one, or the whole text including prompts.")
+    packing: bool = Field(True, description="causal-lm: pack several short examples into each row of max_length tokens; each example attends only to itself (position ids restart, block-diagonal attention), so the loss is the same as unpacked, with far less padding.")
+    generation: GenerationSection = Field(default_factory=GenerationSection, description="Generation settings (evaluation after training, `tuneforge generate`, `tuneforge chat`).")
+    loss: Literal["dpo", "simpo"] = Field("dpo", description="preference: DPO (against the frozen reference model; with LoRA the base with adapters disabled) or SimPO (reference-free, length-normalised).")
+    beta: float = Field(0.1, gt=0, description="preference: strength of the preference term (DPO's beta; SimPO uses 2.0-2.5 typically).")
+    simpo_gamma: float = Field(0.5, ge=0, description="preference, SimPO: target reward margin (gamma/beta ratio as in the SimPO paper).")
+    classifier: Literal["head", "label-words"] = Field("head", description="text-classification with a causal LM: a new linear head on pooled features (head), or score each label's words with the LM itself (label-words: constrained decoding of the label names; no new weights).")
+    label_prompt: str = Field("\nLabel:", description="classifier: label-words: text placed after each input before the label word is scored.")
     multi_label: bool = Field(False, description="Each example may carry several labels (sigmoid + binary cross-entropy).")
     label_separator: str = Field(",", description="Separator between labels inside one cell for multi-label CSV/TSV data.")
     max_length: Optional[int] = Field(None, ge=8, description="Maximum tokens per text (longer texts are truncated); default: the model's limit, capped at 512.")
@@ -117,7 +135,7 @@ class TrainSection(_Section):
     deterministic: bool = Field(False, description="Use deterministic algorithms (slower; bit-exact repeat runs).")
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate every N optimizer steps; default once per epoch.")
     log_every: int = Field(10, ge=1, description="Write a training-loss line to metrics.jsonl every N optimizer steps.")
-    metric_for_best: str = Field("accuracy", description="Validation metric that picks the best checkpoint and drives early stopping: loss, accuracy, subset_accuracy (multi-label), precision/recall/f1 _macro/_micro/_weighted, roc_auc, ece (loss and ece are minimised).")
+    metric_for_best: Optional[str] = Field(None, description="Validation metric that picks the best checkpoint and drives early stopping: loss, accuracy, subset_accuracy (multi-label), precision/recall/f1 _macro/_micro/_weighted, roc_auc, ece; perplexity (causal-lm); reward_accuracy, reward_margin (preference). Loss, ece and perplexity are minimised. Default: accuracy for classification, loss for causal-lm and preference.")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping on metric_for_best.")
     save_every: Optional[int] = Field(None, ge=1, description="Also write a checkpoint every N optimizer steps (the best one is always kept).")
     keep_checkpoints: int = Field(2, ge=1, description="Periodic checkpoints kept on disk (oldest removed first).")
@@ -203,7 +221,18 @@ class Recipe(_Section):
         from .models.aliases import ALIASES
 
         alias = ALIASES.get(self.model.name)
-        wanted = self.task.type.split("-")[0]  # "text" | "image"
+        wanted = "image" if self.task.type == "image-classification" else "text"
+        if self.task.type in ("causal-lm", "preference"):
+            if alias is not None:
+                raise ValueError(
+                    f"model '{self.model.name}' is a {alias.modality} encoder, but task.type {self.task.type} needs a "
+                    "decoder language model: set model.name to a local Hugging Face directory of a Llama, Qwen, "
+                    "GPT-2 (or similar) model")
+            if self.strategy.name in ("linear-probe", "auto", "gradual-unfreeze"):
+                raise ValueError(
+                    f"strategy {self.strategy.name} is for classifiers (it trains or schedules a new task head); a "
+                    f"{self.task.type} run keeps the model's own LM head — use lora (the usual choice), full, partial, "
+                    "adapters, ia3, bitfit or prompt-tuning")
         if alias is not None and alias.modality != wanted:
             others = [n for n, a in ALIASES.items() if a.modality == wanted]
             raise ValueError(
@@ -224,7 +253,11 @@ class Recipe(_Section):
                     "set output.merge: false, or use strategy lora / ia3")
         from .evaluation.names import check_metric_name
 
-        check_metric_name(self.train.metric_for_best, self.task.multi_label)
+        generative = self.task.type in ("causal-lm", "preference")
+        if self.train.metric_for_best is None:
+            self.train.metric_for_best = "loss" if generative else "accuracy"
+        check_metric_name(self.train.metric_for_best, self.task.multi_label,
+                          task=self.task.type if generative else None)
         r = self.retain
         if r.data is None and (r.head_from or r.max_drop is not None or r.label_column):
             raise ValueError("retain.head_from / max_drop / label_column need retain.data: the inputs to measure on")

@@ -60,6 +60,11 @@ def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe
         meta["strategy_options"] = recipe.strategy.model_dump(mode="json")
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(str(directory / "tokenizer"))
+    elif info.spec.get("causal_lm"):
+        # the whole *ForCausalLM (decoder + LM head): loads with AutoModelForCausalLM on its own
+        model.lm.save_pretrained(str(directory / "backbone"), safe_serialization=True)
+        loaded.tokenizer.save_pretrained(str(directory / "backbone"))
+        meta["layout"] = "hf-causal-lm"
     elif info.spec.get("kind") == "hf":
         model.backbone.save_pretrained(str(directory / "backbone"), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(directory / "backbone"))
@@ -79,14 +84,15 @@ def _load_base(meta: dict, directory: Path):
     from .models import load_model
 
     layout = meta["layout"]
-    if layout == "hf-backbone+head":
-        return load_model(str(directory / "backbone"), source="hf")
+    causal_lm = bool(meta.get("base_spec", {}).get("causal_lm"))
+    if layout in ("hf-backbone+head", "hf-causal-lm"):
+        return load_model(str(directory / "backbone"), source="hf", causal_lm=causal_lm)
     if layout == "full-state":
         spec = meta["base_spec"]
         return load_model(spec["arch"], source="timm", pretrained=False)
     base = meta["base_model"]  # peft adapter: rebuild the same pretrained base
     return load_model(base["name"], source=base["source"], weights=base["weights"], key_map=base["key_map"],
-                      trust_remote_code=base["trust_remote_code"])
+                      trust_remote_code=base["trust_remote_code"], causal_lm=causal_lm)
 
 
 def load_model_dir(directory: Path):
@@ -114,12 +120,16 @@ def load_model_dir(directory: Path):
         task.max_length = settings["max_length"]
     if "preprocessing" in settings:
         task.preprocessing = settings["preprocessing"]
+    if settings.get("chat_template"):
+        task.build_template_named(settings["chat_template"])
     model = task.build_model(loaded, labels)
     layout = meta["layout"]
     if layout == "hf-backbone+head":
         model.task_head.load_state_dict(load_file(str(directory / "head.safetensors")))
     elif layout == "full-state":
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    elif layout == "hf-causal-lm":
+        pass  # the saved directory is the whole fine-tuned model
     elif layout == "base+trainable":
         model = _reapply_strategy(model, loaded, meta, directory)
     else:

@@ -38,6 +38,8 @@ def cacheable(model, strategy, task, recipe) -> tuple[bool, str]:
     """Whether caching applies, and why not when it does not (for the log)."""
     if recipe.train.cache_activations == "off":
         return False, "train.cache_activations is off"
+    if not getattr(task, "cacheable", True):
+        return False, "every layer of this task's model trains"
     if strategy.name != "linear-probe":
         return False, "the backbone is not entirely frozen"
     if task.modality == "image" and recipe.data.augment:

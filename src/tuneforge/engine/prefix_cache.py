@@ -42,6 +42,8 @@ KEY = "prefix_activations"
 def cacheable(model, strategy, task, recipe) -> tuple[bool, str]:
     if recipe.train.cache_activations == "off":
         return False, "train.cache_activations is off"
+    if not getattr(task, "cacheable", True):
+        return False, "not for this task yet"
     if strategy.name != "partial":
         return False, "no fixed frozen prefix"
     if task.modality == "image" and recipe.data.augment:

@@ -222,7 +222,7 @@ class Trainer:
                 step_indices.append(batch["index"].cpu())
                 self._loss_sum += loss.detach().float()
                 self._loss_count += 1
-                s.examples += len(batch["labels"])
+                s.examples += batch.get("num_examples", len(batch["labels"]))  # packed rows hold several
                 s.micro = i + 1
                 if (i + 1) % cfg.grad_accum and i + 1 != n_micro:
                     continue  # still accumulating

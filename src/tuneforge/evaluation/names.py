@@ -7,7 +7,10 @@ from ..errors import TuneforgeError, suggest
 
 AVERAGES = ("macro", "micro", "weighted")
 # Metrics where a smaller value is better (checkpoint selection and early stopping).
-LOWER_IS_BETTER = {"loss", "ece"}
+LOWER_IS_BETTER = {"loss", "ece", "perplexity"}
+# The validation metrics of the generative tasks.
+TASK_METRICS = {"causal-lm": ["loss", "perplexity"],
+                "preference": ["loss", "reward_accuracy", "reward_margin"]}
 
 
 def metric_names(multi_label: bool = False) -> list[str]:
@@ -17,10 +20,11 @@ def metric_names(multi_label: bool = False) -> list[str]:
     return names + ["roc_auc", "ece"]
 
 
-def check_metric_name(name: str, multi_label: bool = False, where: str = "train.metric_for_best") -> None:
-    valid = metric_names(multi_label)
+def check_metric_name(name: str, multi_label: bool = False, where: str = "train.metric_for_best",
+                      task: str | None = None) -> None:
+    valid = TASK_METRICS.get(task) or metric_names(multi_label)
     if name not in valid:
-        kind = "multi-label" if multi_label else "single-label"
+        kind = task if task in TASK_METRICS else "multi-label" if multi_label else "single-label"
         raise TuneforgeError(f"{where} '{name}' is not a {kind} validation metric{suggest(name, valid)}; "
                              f"choose one of: {', '.join(valid)}")
 

@@ -53,7 +53,8 @@ def _dtype_kwarg() -> str:
 
 
 def load_hf(
-    path: str | Path, *, label: str | None = None, trust_remote_code: bool = False, pretrained: bool = True
+    path: str | Path, *, label: str | None = None, trust_remote_code: bool = False, pretrained: bool = True,
+    causal_lm: bool = False,
 ) -> LoadedModel:
     """AutoModel + fast AutoTokenizer from a model directory.
 
@@ -61,8 +62,10 @@ def load_hf(
     weights (used to rebuild a fine-tuned run whose weights come from elsewhere).
     """
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    if causal_lm:
+        AutoModel = AutoModelForCausalLM  # noqa: N806 - the same calls, with the LM head
     path = Path(path).expanduser()
     label = label or str(path)
     if not path.is_dir():
@@ -92,9 +95,19 @@ def load_hf(
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code).float()
     except (OSError, ValueError, KeyError) as e:
         hint = "" if trust_remote_code else " If the model needs custom code, set model.trust_remote_code: true."
+        if causal_lm:
+            hint = (" causal-lm and preference tasks need a decoder language model (Llama, Qwen, GPT-2, ...); "
+                    "an encoder such as BERT belongs in a text-classification recipe." + hint)
         raise TuneforgeError(f"could not load the Hugging Face model in {path}: {e}.{hint}") from e
     model.eval()
     tokenizer = _load_tokenizer(path, trust_remote_code)
+    if causal_lm:
+        # the decoder and its vocabulary projection as separate parts (same modules, not copies),
+        # so strategies see a backbone as for every other task
+        lm, model = model, model.base_model
+        info = text_info(model, tokenizer, source=label, config_dir=path.resolve(), trust_remote_code=trust_remote_code)
+        info.spec["causal_lm"] = True
+        return LoadedModel(backbone=model, info=info, tokenizer=tokenizer, lm_head=lm.get_output_embeddings(), lm=lm)
     info = text_info(model, tokenizer, source=label, config_dir=path.resolve(), trust_remote_code=trust_remote_code)
     return LoadedModel(backbone=model, info=info, tokenizer=tokenizer)
 

@@ -44,6 +44,10 @@ class LoadedModel:
     backbone: nn.Module
     info: ModelInfo
     tokenizer: Any | None = None
+    # causal LMs (``load_model(..., causal_lm=True)``): the output projection to the vocabulary
+    # and the whole Hugging Face ``*ForCausalLM`` module whose parts ``backbone``/``lm_head`` are
+    lm_head: nn.Module | None = None
+    lm: nn.Module | None = None
 
 
 @dataclass(frozen=True)

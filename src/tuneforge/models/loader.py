@@ -53,6 +53,7 @@ def load_model(
     key_map: str | Callable | None = None,
     trust_remote_code: bool = False,
     pretrained: bool = True,
+    causal_lm: bool = False,
 ) -> LoadedModel:
     """Load a backbone without its head, plus its ``ModelInfo`` (and tokenizer for text).
 
@@ -68,6 +69,10 @@ def load_model(
     if source == "auto":
         source = _resolve_source(name)
 
+    if causal_lm and source in ("timm", "alias"):
+        raise TuneforgeError(
+            f"'{name}' is not a causal language model; causal-lm and preference tasks need a Hugging Face "
+            "decoder (Llama, Qwen, GPT-2, ...) in a local directory: set model.name to that directory")
     if source == "timm":
         return load_timm(name, weights=weights, key_map=key_map, pretrained=pretrained)
 
@@ -93,8 +98,8 @@ def load_model(
                 "never downloads: set model.name to a directory holding config.json, the weights and the tokenizer"
             )
         return load_hf(cached, label=f"hf cache '{name}' ({cached})", trust_remote_code=trust_remote_code,
-                       pretrained=pretrained)
-    return load_hf(path, trust_remote_code=trust_remote_code, pretrained=pretrained)
+                       pretrained=pretrained, causal_lm=causal_lm)
+    return load_hf(path, trust_remote_code=trust_remote_code, pretrained=pretrained, causal_lm=causal_lm)
 
 
 def _resolve_source(name: str) -> str:

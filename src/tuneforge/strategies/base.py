@@ -235,7 +235,7 @@ class FreezingStrategy:
         frozen = self.frozen_groups(groups)
         self.frozen = [name for group in frozen for name in group]
         freeze(params_of(model, self.frozen))
-        self.adapted = ["task_head"] + [n for g in groups if g not in frozen for n in g]
+        self.adapted = [h for h in ("task_head", "lm_head") if hasattr(model, h)] + [n for g in groups if g not in frozen for n in g]
         return model
 
     def set_train_mode(self, model: nn.Module) -> None:

@@ -16,6 +16,14 @@ def get_task(recipe) -> Task:
         from .image_classification import ImageClassification
 
         return ImageClassification(recipe)
+    if kind == "causal-lm":
+        from .causal_lm import CausalLMTask
+
+        return CausalLMTask(recipe)
+    if kind == "preference":
+        from .preference import PreferenceTask
+
+        return PreferenceTask(recipe)
     raise AssertionError(kind)  # the recipe schema only admits the types above
 
 

@@ -1,0 +1,1 @@
+"""Causal language models: data formats, chat templates, packing, generation, preference losses."""

@@ -1,0 +1,206 @@
+"""Generating replies: greedy or sampled, with a KV cache, stopping at EOS / end-of-turn.
+
+Our own short loop rather than ``transformers.generate``: it runs the same
+:class:`~tuneforge.tasks.causal_lm.CausalLM` that trained (peft adapters injected in
+place included), needs no generation config on the model, and stays deterministic for a
+given seed. Prompts are left-padded into one batch; position ids count real tokens only,
+so a prompt's reply does not depend on the other prompts in its batch (up to float
+rounding). Backbones wrapped by a strategy (prompt tuning) take no cache: they are run
+one prompt at a time over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, stop_ids=(), greedy: bool = True,
+             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, device=None, autocast=None,
+             batch_size: int = 16) -> list[str]:
+    """Replies (decoded, stop token removed) for ``prompts`` (already templated texts)."""
+    import contextlib
+
+    from ..tasks.causal_lm import _wrapped, core_model
+
+    core = core_model(model)
+    model.eval()
+    device = device or next(core.parameters()).device
+    autocast = autocast or contextlib.nullcontext
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    stop = torch.tensor(sorted(set(stop_ids) | {tokenizer.eos_token_id}), device=device)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    step = 1 if _wrapped(core.backbone) else batch_size
+    out: list[str] = []
+    for i in range(0, len(encoded), step):
+        chunk = encoded[i:i + step]
+        with autocast():
+            ids = _generate_batch(core, chunk, max_new_tokens, stop, greedy, temperature, top_p, generator, device,
+                                  tokenizer.pad_token_id or 0)
+        out += [tokenizer.decode(x, skip_special_tokens=False) for x in ids]
+    return out
+
+
+def _generate_batch(core, prompts: list[list[int]], max_new: int, stop, greedy, temperature, top_p, generator, device,
+                    pad_id: int) -> list[list[int]]:
+    from ..tasks.causal_lm import _wrapped
+
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, longest), pad_id, dtype=torch.long, device=device)  # (B, T) left-padded
+    mask = torch.zeros((B, longest), dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        ids[r, longest - len(p):] = torch.tensor(p, device=device)
+        mask[r, longest - len(p):] = 1
+    cached = not _wrapped(core.backbone)
+    past, done = None, torch.zeros(B, dtype=torch.bool, device=device)
+    replies = [[] for _ in range(B)]
+    step_ids, step_mask = ids, mask
+    for _ in range(max_new):
+        if cached:
+            positions = (step_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+            out = core.backbone(input_ids=step_ids, attention_mask=step_mask, position_ids=positions,
+                                use_cache=True, **{_cache_kwarg(core.backbone): past})
+            past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            hidden = out.last_hidden_state[:, -1]  # (B, H)
+        else:
+            hidden = core.hidden(step_ids, step_mask)[:, -1]
+        logits = core.lm_head(hidden).float()  # (B, V)
+        nxt = _choose(logits, greedy, temperature, top_p, generator)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        for r in range(B):
+            if not done[r]:
+                replies[r].append(int(nxt[r]))
+        done |= torch.isin(nxt, stop)
+        if bool(done.all()):
+            break
+        step_mask = torch.cat([step_mask, torch.ones((B, 1), dtype=step_mask.dtype, device=device)], 1)
+        step_ids = nxt[:, None] if cached else torch.cat([step_ids, nxt[:, None]], 1)
+    stops = set(stop.tolist())
+    return [r[:-1] if r and r[-1] in stops else r for r in replies]
+
+
+def _cache_kwarg(backbone) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache``; take whichever this model has."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+def _choose(logits, greedy: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1).cpu()
+    sorted_p, order = probs.sort(-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set reaching top_p (always the top token)
+    sorted_p = sorted_p * keep
+    pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)  # (B, 1)
+    return order.gather(-1, pick).squeeze(-1).to(logits.device)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _normalise(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+def text_scores(predictions: list[str], references: list[str]) -> dict:
+    """Exact match (whitespace-normalised), ROUGE-L F1 (``rouge-score``) and corpus BLEU (``sacrebleu``)."""
+    out = {"exact_match": round(sum(_normalise(p) == _normalise(r) for p, r in zip(predictions, references))
+                                / max(len(references), 1), 4)}
+    try:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        out["rougeL"] = round(sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references))
+                              / max(len(references), 1), 4)
+    except ImportError:
+        pass
+    try:
+        import sacrebleu
+
+        out["bleu"] = round(sacrebleu.corpus_bleu(predictions, [references]).score, 2)
+    except ImportError:
+        pass
+    return out
+
+
+def evaluate_generation(model, task, records, path: Path, device, autocast, gen, *, seed: int, log) -> dict:
+    """Answer held-out prompts greedily (and sampled), score against the references, write the samples."""
+    t0 = time.perf_counter()
+    template = task.template
+    prompts = [template.prompt(r.values["messages"]) for r in records]
+    references = [r.values["messages"][-1]["content"] for r in records]
+    common = dict(max_new_tokens=gen.max_new_tokens, stop_ids=template.stop_ids(), device=device, autocast=autocast)
+    greedy = generate(model, task.tokenizer, prompts, greedy=True, **common)
+    clean = [strip_reply(g, task.tokenizer) for g in greedy]
+    result = {"prompts": len(prompts), "greedy": text_scores(clean, references)}
+    sampled = None
+    if gen.sampled:
+        sampled = [strip_reply(s, task.tokenizer) for s in generate(
+            model, task.tokenizer, prompts, greedy=False, temperature=gen.temperature, top_p=gen.top_p, seed=seed,
+            **common)]
+        result["sampled"] = text_scores(sampled, references)
+    with open(path, "w") as f:
+        for i, r in enumerate(records):
+            row = {"where": r.where, "prompt": prompts[i], "reference": references[i], "greedy": clean[i]}
+            if sampled is not None:
+                row["sampled"] = sampled[i]
+            f.write(json.dumps(row) + "\n")
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    log(f"generation on {len(prompts)} validation prompts: greedy " + ", ".join(
+        f"{k} {v}" for k, v in result["greedy"].items()) + (
+        "; sampled " + ", ".join(f"{k} {v}" for k, v in result["sampled"].items()) if sampled is not None else "")
+        + f" ({path.name})")
+    return result
+
+
+def strip_reply(text: str, tokenizer) -> str:
+    """A reply without trailing end-of-turn markers the tokenizer does not treat as special."""
+    for marker in ("<|im_end|>", tokenizer.eos_token or ""):
+        if marker and marker in text:
+            text = text.split(marker)[0]
+    return text.strip()
+
+
+class Generator:
+    """A saved causal-lm run, ready to answer: ``Generator(run_dir).reply([{"role": "user", ...}])``."""
+
+    def __init__(self, path, device: str = "cpu"):
+        from ..errors import TuneforgeError
+        from ..saving import load_model_dir
+
+        self.model, self.task, _, self.meta = load_model_dir(Path(path))
+        if not getattr(self.task, "generative", False):
+            raise TuneforgeError(f"{path} is a {self.meta['task']['type']} run; generate and chat need a causal-lm "
+                                 "or preference run (use `tuneforge predict` for classifiers)")
+        if self.task.template is None:
+            self.task.build_template("chat")
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.settings = self.meta["task"].get("generation", {})
+
+    def complete(self, prompts: list[str], *, raw: bool = False, greedy: bool = True, seed: int = 0,
+                 max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                 system: str | None = None) -> list[str]:
+        """Replies to user messages (``raw``: the prompts are sent exactly as given, no template)."""
+        texts = prompts if raw else [self.task.template.prompt(
+            ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}])
+            for p in prompts]
+        return self._generate(texts, greedy, seed, max_new_tokens, temperature, top_p)
+
+    def reply(self, messages: list[dict], *, greedy: bool = True, seed: int = 0, **kw) -> str:
+        """The next assistant turn of a conversation."""
+        return self._generate([self.task.template.prompt(messages)], greedy, seed, kw.get("max_new_tokens"),
+                              kw.get("temperature"), kw.get("top_p"))[0]
+
+    def _generate(self, texts, greedy, seed, max_new_tokens, temperature, top_p) -> list[str]:
+        s = self.settings
+        out = generate(self.model, self.task.tokenizer, texts, greedy=greedy, seed=seed,
+                       max_new_tokens=max_new_tokens or s.get("max_new_tokens", 64),
+                       temperature=temperature or s.get("temperature", 0.7), top_p=top_p or s.get("top_p", 0.9),
+                       stop_ids=self.task.template.stop_ids(), device=self.device)
+        return [strip_reply(t, self.task.tokenizer) for t in out]

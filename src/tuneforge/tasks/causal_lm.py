@@ -1,0 +1,259 @@
+"""`causal-lm`: supervised / instruction fine-tuning and continued pre-training of a decoder LLM.
+
+Records (chat, prompt/completion, Alpaca, plain text; ``llm.formats``) are rendered by a
+chat template (``llm.templates``) into token ids with labels on the reply tokens only (by
+default), optionally packed into full rows (``llm.packing``), and trained with next-token
+cross-entropy. The model is :class:`CausalLM`: the pretrained decoder as ``backbone`` and its
+vocabulary projection as ``lm_head`` (both the Hugging Face modules themselves), so every
+strategy that acts on ``backbone`` works unchanged. ``lm_head`` is not a ``task_head``:
+nothing new is learned on top, and LoRA-style strategies leave it frozen.
+
+Speed: the LM head runs only on positions that carry loss. For instruction data most
+positions are prompt tokens, and the vocabulary projection (hidden x vocab per position)
+is the largest single matmul of a small LLM, so this skips much of the work that a
+full-logits implementation does and never builds the (batch, length, vocab) logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.batching import EpochBatchSampler
+from ..errors import TuneforgeError
+from ..llm.templates import IGNORE, Template, resolve_template
+from .base import LabelMap
+
+# Longest row by default: the model's own limit, capped (attention cost grows with its square).
+DEFAULT_MAX_LENGTH = 1024
+
+
+class CausalLM(nn.Module):
+    """A decoder and its LM head. ``forward(..., labels=...)`` returns the summed next-token loss
+    and the number of target tokens; without labels it returns the logits (B, T, V)."""
+
+    def __init__(self, backbone: nn.Module, lm_head: nn.Module, lm: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.lm_head = lm_head
+        self.__dict__["lm"] = lm  # the HF *ForCausalLM around the same modules (saving), not a submodule
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if position_ids is not None:
+            # packed rows: no 2-D mask, so the model builds the block-diagonal mask from position ids
+            kwargs.update(position_ids=position_ids, attention_mask=None)
+        if not _wrapped(self.backbone):
+            kwargs["use_cache"] = False  # a cache would also switch off packed-sequence masking
+        return self.backbone(**kwargs).last_hidden_state  # (B, T, H)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **_):
+        hidden = self.hidden(input_ids, attention_mask, position_ids)
+        if labels is None:
+            return self.lm_head(hidden)  # (B, T, V)
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        keep = targets != IGNORE
+        logits = self.lm_head(hidden[:, :-1][keep])  # (N, V): only positions that carry loss
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, keep.sum()
+
+
+def _wrapped(backbone) -> bool:
+    """A strategy's wrapper (prompt tuning) that takes only ids and mask."""
+    return not hasattr(backbone, "config")
+
+
+def core_model(model: nn.Module) -> CausalLM:
+    """The :class:`CausalLM` inside a peft wrapper (adapters injected in place stay active)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(inner, CausalLM):
+        raise TuneforgeError(f"expected a causal language model, got {type(inner).__name__}")
+    return inner
+
+
+class LMExamples(Dataset):
+    """Tokenised (and possibly packed) rows."""
+
+    def __init__(self, rows: list[dict], where: list[str], examples: int):
+        self.rows, self.where, self.examples = rows, where, examples
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.rows[i], "index": i}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r["input_ids"]) for r in self.rows]
+
+
+class LMMetrics:
+    """Validation loss (mean over target tokens) and perplexity, streamed batch by batch."""
+
+    def __init__(self):
+        self.loss_sum, self.tokens = 0.0, 0
+
+    def update(self, logits, labels, loss, index=None) -> None:
+        n = int((labels[:, 1:] != IGNORE).sum())
+        self.loss_sum += float(loss) * n
+        self.tokens += n
+
+    def compute(self) -> dict:
+        loss = self.loss_sum / max(self.tokens, 1)
+        return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4), "target_tokens": self.tokens}
+
+
+class CausalLMTask:
+    modality = "text"
+    generative = True
+    cacheable = False  # every layer's input changes as the model trains: nothing to cache
+
+    def __init__(self, recipe):
+        self.recipe = recipe
+        self.tokenizer = None
+        self.template: Template | None = None
+        self.max_length = recipe.task.max_length
+        self.model_max_length: int | None = None
+        self.truncated: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self.packed: dict[str, dict] = {}
+        self.template_name: str | None = None
+
+    # -- data ----------------------------------------------------------------------------
+    def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
+        from ..llm.formats import read_lm_records
+
+        data = self.recipe.data
+        return read_lm_records(path, fmt=self.recipe.task.format, text_key=data.text_column, limit=limit,
+                               on_bad_record=data.on_bad_record, skipped=skipped, encoding=data.encoding)
+
+    def record_labels(self, record) -> list:
+        return []
+
+    def label_map(self, train_records: list) -> LabelMap:
+        return LabelMap(names=[])
+
+    def attach(self, loaded) -> None:
+        if loaded.tokenizer is None:
+            raise TuneforgeError(f"model '{loaded.info.source}' has no tokenizer; save it next to the weights")
+        if loaded.lm_head is None:
+            raise TuneforgeError("the model was loaded without its LM head; load it with causal_lm=True")
+        self.tokenizer = loaded.tokenizer
+        config = loaded.backbone.config
+        limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(config, k, None), int)), DEFAULT_MAX_LENGTH)
+        self.model_max_length = limit
+        self.max_length = min(self.max_length or min(limit, DEFAULT_MAX_LENGTH), limit)
+
+    def build_template(self, data_format: str) -> Template:
+        return self.build_template_named(resolve_template(self.recipe.task.chat_template, self.tokenizer, data_format))
+
+    def build_template_named(self, name: str) -> Template:
+        self.template_name = name
+        self.template = Template(name, self.tokenizer)
+        return self.template
+
+    def build_model(self, loaded, labels) -> nn.Module:
+        return CausalLM(loaded.backbone, loaded.lm_head, loaded.lm)
+
+    def encode_records(self, records: list, split: str) -> tuple[list, list[str]]:
+        """Records -> (ids, labels) examples, truncated to max_length; examples left with no
+        target token (a prompt longer than max_length) are dropped and counted."""
+        if self.template is None:
+            formats = {r.values["format"] for r in records}
+            self.build_template("chat" if "chat" in formats else next(iter(formats), "text"))
+        train_on = self.recipe.task.train_on
+        examples, where, cut, dropped = [], [], 0, 0
+        for r in records:
+            ids, labels = self.template.encode(self.template.render(r.values["messages"], train_on))
+            if len(ids) > self.max_length:
+                ids, labels, cut = ids[: self.max_length], labels[: self.max_length], cut + 1
+            if all(x == IGNORE for x in labels[1:]):
+                dropped += 1
+                continue
+            examples.append((ids, labels))
+            where.append(r.where)
+        self.truncated[split], self.dropped[split] = cut, dropped
+        if not examples:
+            raise TuneforgeError(f"no {split} example has a token to learn within task.max_length = "
+                                 f"{self.max_length} (prompts too long?); raise task.max_length or shorten the prompts")
+        return examples, where
+
+    def dataset(self, records: list, labels, split: str) -> LMExamples:
+        from ..llm.packing import pack
+
+        examples, where = self.encode_records(records, split)
+        if self.recipe.task.packing and self.can_pack():
+            rows = pack(examples, self.max_length)
+            tokens = sum(len(e[0]) for e in examples)
+            self.packed[split] = {"examples": len(examples), "rows": len(rows),
+                                  "fill": round(tokens / (len(rows) * self.max_length), 4)}
+            row_where = [", ".join(where[m] for m in r["members"][:3]) + (" ..." if len(r["members"]) > 3 else "")
+                         for r in rows]
+            return LMExamples(rows, row_where, len(examples))
+        rows = [{"input_ids": ids, "labels": lab} for ids, lab in examples]
+        return LMExamples(rows, where, len(examples))
+
+    def can_pack(self) -> bool:
+        """Prompt and prefix tuning put virtual tokens in front of each row: rows cannot hold several examples."""
+        return self.recipe.strategy.name not in ("prompt-tuning", "prefix-tuning")
+
+    def collate(self, items: list[dict]) -> dict:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        longest = max(len(it["input_ids"]) for it in items)
+        B = len(items)
+        ids = torch.full((B, longest), pad, dtype=torch.long)  # (B, T)
+        labels = torch.full((B, longest), IGNORE, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((B, longest), dtype=torch.long)  # (B, T)
+        packed = "position_ids" in items[0]
+        positions = torch.zeros((B, longest), dtype=torch.long) if packed else None  # (B, T)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[row, :n] = torch.tensor(it["input_ids"])
+            labels[row, :n] = torch.tensor(it["labels"])
+            mask[row, :n] = 1
+            if packed:
+                positions[row, :n] = torch.tensor(it["position_ids"])
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                 "index": torch.tensor([it["index"] for it in items]),
+                 "num_examples": sum(len(it.get("members", [0])) for it in items)}
+        if packed:
+            batch["position_ids"] = positions
+        return batch
+
+    def loader(self, dataset: LMExamples, batch_size: int, *, train: bool, seed: int) -> DataLoader:
+        sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=train, seed=seed, lengths=dataset.lengths,
+                                    group_by_length=self.recipe.train.group_by_length)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=0,
+                          generator=torch.Generator().manual_seed(seed))
+
+    # -- training --------------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch: dict) -> dict:
+        loss_sum, n = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch.get("position_ids"), labels=batch["labels"])
+        return {"loss": loss_sum / n.clamp(min=1), "logits": None}
+
+    def metrics(self, labels=None) -> LMMetrics:
+        return LMMetrics()
+
+    def settings(self) -> dict:
+        return {"max_length": self.max_length, "chat_template": self.template_name, "format": self.recipe.task.format,
+                "train_on": self.recipe.task.train_on, "packing": dict(self.packed),
+                "truncated": dict(self.truncated), "dropped_no_target": dict(self.dropped)}
+
+    # -- after training --------------------------------------------------------------------
+    def after_training(self, model, splits: dict, run, device, autocast, log) -> dict:
+        """Generation-based evaluation on held-out prompts; samples written into the run."""
+        from ..llm.generation import evaluate_generation
+
+        gen = self.recipe.task.generation
+        records = [r for r in splits.get("validation", []) if r.values["format"] != "text"][: gen.eval_prompts]
+        if not records:
+            return {}
+        return evaluate_generation(model, self, records, run.path / "generations.jsonl", device, autocast, gen,
+                                   seed=self.recipe.train.seed, log=log)

@@ -260,6 +260,15 @@ def _generation_args(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
+def cmd_make_tiny_lm(args) -> int:
+    from .llm.tiny import make_tiny_lm
+
+    path = make_tiny_lm(args.directory, family=args.family, seed=args.seed)
+    print(f"wrote a tiny random-init {args.family} causal LM, its tokenizer and sft-/dpo- train/val data to {path}; "
+          "try: tuneforge train recipes/sft-tiny-lora.yaml")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -380,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="an interactive chat with a causal-lm run's model (stdin/stdout)")
     _generation_args(ch)
     ch.set_defaults(fn=cmd_chat)
+
+    tl = sub.add_parser("make-tiny-lm", help="write a tiny random-init causal LM + example data (for the LLM recipes)")
+    tl.add_argument("directory", nargs="?", default="tiny-lm", help="where to write it (default: tiny-lm)")
+    tl.add_argument("--family", choices=["llama", "gpt2"], default="llama")
+    tl.add_argument("--seed", type=int, default=0)
+    tl.set_defaults(fn=cmd_make_tiny_lm)
 
     o = sub.add_parser("options", help="print every recipe option with its default and description (Markdown)")
     o.set_defaults(fn=cmd_options)

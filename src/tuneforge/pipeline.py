@@ -318,6 +318,8 @@ def _build_model(recipe, task, labels, device, init_from, log, n_train):
     if _channels_last(recipe, loaded.info.modality, device):
         model.to(memory_format=torch.channels_last)  # 4-D weights only; the trainer converts the images
         log("memory format: channels-last (train.channels_last)")
+    if recipe.train.gradient_checkpointing:
+        _checkpointing(model, log)
     if recipe.train.compile:
         _compile(model, task, log)
     log(f"model: {m.name} ({loaded.info.family}, {loaded.info.modality}) loaded in {time.perf_counter() - t0:.1f}s; "
@@ -331,6 +333,23 @@ def _build_model(recipe, task, labels, device, init_from, log, n_train):
 def _channels_last(recipe, modality: str, device) -> bool:
     choice = recipe.train.channels_last
     return modality == "image" and (choice == "on" or (choice == "auto" and device.type == "cuda"))
+
+
+def _checkpointing(model, log) -> None:
+    """train.gradient_checkpointing, through the backbone library's own switch."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = base.backbone
+    backbone = getattr(backbone, "peft", backbone)  # prompt tuning wraps the HF model
+    backbone = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    if hasattr(backbone, "gradient_checkpointing_enable"):
+        # non-reentrant: works when the inputs need no grad (frozen embeddings under LoRA)
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(backbone, "set_grad_checkpointing"):
+        backbone.set_grad_checkpointing(True)  # timm
+    else:
+        raise TuneforgeError(f"train.gradient_checkpointing: a {type(backbone).__name__} backbone has no checkpointing "
+                             "switch (Hugging Face and timm models do); set train.gradient_checkpointing: false")
+    log("gradient checkpointing: on (activations recomputed in the backward pass)")
 
 
 def _compile(model, task, log) -> None:

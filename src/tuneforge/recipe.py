@@ -142,6 +142,7 @@ class TrainSection(_Section):
     cache_activations: Literal["auto", "off"] = Field("auto", description="auto: when frozen layers are deterministic (eval mode, no random augmentation), compute their outputs once and reuse them every epoch: the pooled features for linear-probe, the last frozen layer's activations for partial (checked to give the same logits, else off with the reason logged).")
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding, faster).")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="Image models: keep weights and images in channels-last (NHWC) memory layout. auto = on for CUDA (faster convolutions with bf16/fp16 tensor cores), off on CPU (measured no faster there: PERFORMANCE.md).")
+    gradient_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward pass instead of keeping them: much less memory for long texts and big models, about a third more compute. Hugging Face and timm backbones.")
     compile: bool = Field(False, description="torch.compile the backbone (in place; saved weights keep their names). Opt-in: compiling takes tens of seconds to minutes, which only pays off on long runs; text batches of varying length compile with dynamic shapes.")
     progress: bool = Field(True, description="Show progress bars.")
 

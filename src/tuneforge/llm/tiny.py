@@ -1,0 +1,99 @@
+"""A tiny random-init causal LM and generated instruction data, for trying the LLM recipes offline.
+
+No pretrained causal LM can be downloaded here, so ``tuneforge make-tiny-lm DIR`` writes a
+small Llama-style model (random weights, ~0.3M parameters), a byte-level BPE tokenizer
+trained on the generated text (it decodes back to the exact text), and JSONL data for the
+"reverse the word" task: ``sft-train.jsonl`` / ``sft-val.jsonl`` (prompt/completion) and
+``dpo-train.jsonl`` / ``dpo-val.jsonl`` (prompt/chosen/rejected). The recipes
+``recipes/sft-tiny-*.yaml`` and ``recipes/dpo-tiny.yaml`` run on it in well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SPECIAL = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+LETTERS = "abcdefgh"
+
+
+def make_tokenizer(directory, corpus: list[str], vocab_size: int = 300, chat_template: str | None = None):
+    """A byte-level BPE tokenizer trained on ``corpus`` (decodes to the exact text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_lm(directory, tokenizer, family: str = "llama", hidden: int = 64, layers: int = 2, positions: int = 256,
+            seed: int = 0):
+    """A random-init Llama- or GPT-2-style causal LM saved (safetensors) into ``directory``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=positions,
+            tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4,
+                                           n_positions=positions, bos_token_id=tokenizer.bos_token_id,
+                                           eos_token_id=tokenizer.eos_token_id))
+    else:
+        raise ValueError(f"family must be llama or gpt2, got {family!r}")
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+def reverse_task(n: int, seed: int) -> list[dict]:
+    """'reverse abcd =' -> ' dcba': a task a tiny model learns in seconds."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))
+        out.append({"prompt": f"reverse {word} =", "completion": " " + word[::-1]})
+    return out
+
+
+def preference_task(n: int, seed: int) -> list[dict]:
+    """The reverse task as preferences: the reversed word is chosen, the word unchanged rejected."""
+    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": " " + r["prompt"].split()[1]}
+            for r in reverse_task(n, seed)]
+
+
+def corpus_text() -> list[str]:
+    words = ["".join(random.Random(i).choice(LETTERS) for _ in range(4)) for i in range(50)]
+    return [f"reverse {w} = {w[::-1]}" for w in words] + ["abcdefghijklmnopqrstuvwxyz", "user assistant system"]
+
+
+def write_jsonl(path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_tiny_lm(directory, family: str = "llama", seed: int = 0) -> Path:
+    """Model + tokenizer + the example data sets, all in ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(directory, corpus_text())
+    make_lm(directory, tok, family=family, seed=seed)
+    write_jsonl(directory / "sft-train.jsonl", reverse_task(400, seed + 1))
+    write_jsonl(directory / "sft-val.jsonl", reverse_task(40, seed + 2))
+    write_jsonl(directory / "dpo-train.jsonl", preference_task(200, seed + 3))
+    write_jsonl(directory / "dpo-val.jsonl", preference_task(40, seed + 4))
+    return directory

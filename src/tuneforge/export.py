@@ -95,6 +95,8 @@ def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: 
         raise TuneforgeError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     model, task, labels, meta = load_model_dir(run_dir)
     model.eval()
+    if getattr(task, "generative", False):
+        return _export_causal_lm(model, task, meta, fmt, out, log)
     inputs, label_values, where = _sample_inputs(run_dir if (run_dir / "config.yaml").exists() else run_dir.parent,
                                                  task, samples)
     with torch.inference_mode():
@@ -134,6 +136,46 @@ def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: 
         log(f"int8: {q['bytes']:,} bytes ({q['size_ratio']:.0%} of fp32)"
             + (f"; sample accuracy {q['sample_accuracy']:.1%} (fp32 {report['sample_accuracy_original']:.1%})"
                if "sample_accuracy" in q else ""))
+    return report
+
+
+def _export_causal_lm(model, task, meta: dict, fmt: str, out: Path, log) -> dict:
+    """A causal LM exports as one plain Hugging Face directory (LoRA/IA3 merged): the format that
+    transformers, vLLM, TGI and llama.cpp's converters read. Checked: the exported model's
+    next-token logits on a sample text equal the run's."""
+    from transformers import AutoModelForCausalLM
+
+    from .tasks.causal_lm import core_model
+
+    if fmt != "hf":
+        raise TuneforgeError(f"--format {fmt}: a {meta['task']['type']} run exports as --format hf (a plain Hugging "
+                             "Face causal-LM directory that transformers, vLLM, TGI and llama.cpp's converters load)")
+    core = core_model(_plain_model(model, meta))
+    text = task.template.prompt([{"role": "user", "content": "Hello, how are you?"}])
+    ids = torch.tensor([task.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
+    try:
+        with torch.inference_mode():
+            reference = core(input_ids=ids).float()
+        core.lm.save_pretrained(str(tmp), safe_serialization=True)
+        task.tokenizer.save_pretrained(str(tmp))
+        with torch.inference_mode():
+            got = AutoModelForCausalLM.from_pretrained(str(tmp)).eval()(input_ids=ids).logits.float()
+        diff = float((got - reference).abs().max())
+        report = {"format": "hf", "max_abs_diff": diff, "tokens_checked": int(ids.numel()),
+                  "merged": meta["strategy"] in ("lora", "ia3"), "chat_template": task.template_name}
+        if diff > 1e-3 * max(1.0, float(reference.abs().max())):
+            raise TuneforgeError(f"the exported causal LM's logits differ from the run's by up to {diff:.3g} "
+                                 "(tolerance 1e-3 x max(1, |logit|)); nothing was written")
+        (tmp / "export.json").write_text(json.dumps(report, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.replace(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"export hf: {out} — parity on {ids.numel()} tokens: max |logit diff| {diff:.3g}")
     return report
 
 

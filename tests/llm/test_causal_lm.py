@@ -246,3 +246,25 @@ def test_generate_and_chat_commands(lm_dirs, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.count(f"model> {expected}") == 2
     assert main(["generate", str(run.path)]) != 0
     assert "nothing to generate from: give --prompt" in capsys.readouterr().err
+
+
+def test_lora_run_exports_as_a_merged_hf_causal_lm(lm_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.export import export_run
+    from tuneforge.llm.generation import Generator
+
+    recipe = _recipe(lm_dirs("llama"), tmp_path, "lora")
+    recipe["train"]["max_steps"] = 3
+    recipe["task"]["generation"]["eval_prompts"] = 0
+    run = finetune(recipe)
+    report = export_run(run.path, "hf", tmp_path / "exported", log=lambda m: None)
+    assert report["merged"] and report["max_abs_diff"] < 1e-3
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")  # no peft needed
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    core = Generator(run.path).model
+    ids = torch.tensor([[3, 9, 12, 7]])
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, core(input_ids=ids), atol=1e-4)
+    with pytest.raises(TuneforgeError, match="--format hf"):
+        export_run(run.path, "onnx", tmp_path / "x")

@@ -33,6 +33,7 @@ class ModelSection(_Section):
     weights: Optional[str] = Field(None, description="Local weights file (.safetensors, or .pth loaded with weights_only=True) for timm architectures.")
     key_map: Optional[str] = Field(None, description="Key-mapping hook for `weights`: a registered name (e.g. efficientnet_pytorch) or 'package.module:function'.")
     trust_remote_code: bool = Field(False, description="Allow a Hugging Face model directory to run its own Python code. Off unless you trust the source.")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the Hugging Face model's linear weights in 4-bit NF4 (bitsandbytes; CUDA only, extra 'qlora') and train LoRA adapters on top in bf16. Needs strategy lora.")
 
 
 class GenerationSection(_Section):
@@ -244,6 +245,9 @@ class Recipe(_Section):
             raise ValueError(
                 f"strategy {self.strategy.name} works on {' and '.join(type(self.strategy).modalities)} models only, but "
                 f"task.type is {self.task.type}; for images use lora, adapters, ia3, bitfit, partial or full")
+        if self.model.load_in_4bit and self.strategy.name != "lora":
+            raise ValueError("model.load_in_4bit (QLoRA) trains LoRA adapters on a frozen 4-bit base: set "
+                             f"strategy.name: lora (got {self.strategy.name}), or load_in_4bit: false")
         if self.output.merge:
             from .strategies import strategy_class
 

@@ -92,7 +92,8 @@ def _load_base(meta: dict, directory: Path):
         return load_model(spec["arch"], source="timm", pretrained=False)
     base = meta["base_model"]  # peft adapter: rebuild the same pretrained base
     return load_model(base["name"], source=base["source"], weights=base["weights"], key_map=base["key_map"],
-                      trust_remote_code=base["trust_remote_code"], causal_lm=causal_lm)
+                      trust_remote_code=base["trust_remote_code"], causal_lm=causal_lm,
+                      load_in_4bit=base.get("load_in_4bit", False))
 
 
 def load_model_dir(directory: Path):

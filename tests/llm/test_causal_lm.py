@@ -268,3 +268,17 @@ def test_lora_run_exports_as_a_merged_hf_causal_lm(lm_dirs, tmp_path):
         assert torch.allclose(plain(input_ids=ids).logits, core(input_ids=ids), atol=1e-4)
     with pytest.raises(TuneforgeError, match="--format hf"):
         export_run(run.path, "onnx", tmp_path / "x")
+
+
+def test_qlora_needs_lora_and_says_what_it_needs_on_cpu(lm_dirs, tmp_path):
+    from tuneforge.recipe import load_recipe
+
+    recipe = _recipe(lm_dirs("llama"), tmp_path, "full")
+    recipe["model"]["load_in_4bit"] = True
+    with pytest.raises(TuneforgeError, match="strategy.name: lora"):
+        load_recipe(recipe)
+    recipe["strategy"]["name"] = "lora"
+    if not torch.cuda.is_available():
+        with pytest.raises(TuneforgeError, match="needs a CUDA GPU"):
+            finetune(recipe)
+        assert not (tmp_path / "run").exists()  # refused before anything was written

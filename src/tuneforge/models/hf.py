@@ -55,6 +55,7 @@ def _dtype_kwarg() -> str:
 def load_hf(
     path: str | Path, *, label: str | None = None, trust_remote_code: bool = False, pretrained: bool = True,
     causal_lm: bool = False,
+    load_in_4bit: bool = False,
 ) -> LoadedModel:
     """AutoModel + fast AutoTokenizer from a model directory.
 
@@ -82,6 +83,7 @@ def load_hf(
             "Copy the weights next to config.json (model.save_pretrained(DIR, safe_serialization=True)), "
             "or set model.name to the directory that holds them"
         )
+    quantized = _four_bit_kwargs() if load_in_4bit and pretrained else {}
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if pretrained:
@@ -90,7 +92,13 @@ def load_hf(
                 trust_remote_code=trust_remote_code,
                 use_safetensors=(fmt == "safetensors"),  # never unpickle .bin when safetensors exist
                 **{_dtype_kwarg(): torch.float32},
+                **quantized,
             )
+            if quantized:
+                from peft import prepare_model_for_kbit_training
+
+                # norms in fp32, input grads on: what peft's QLoRA recipe does before adding adapters
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         else:
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code).float()
     except (OSError, ValueError, KeyError) as e:
@@ -110,6 +118,25 @@ def load_hf(
         return LoadedModel(backbone=model, info=info, tokenizer=tokenizer, lm_head=lm.get_output_embeddings(), lm=lm)
     info = text_info(model, tokenizer, source=label, config_dir=path.resolve(), trust_remote_code=trust_remote_code)
     return LoadedModel(backbone=model, info=info, tokenizer=tokenizer)
+
+
+def _four_bit_kwargs() -> dict:
+    """QLoRA loading (Dettmers et al. 2023): NF4 weights, double quantisation, bf16 compute."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TuneforgeError("model.load_in_4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels are CUDA only); on "
+                             "this machine set model.load_in_4bit: false and train LoRA on the bf16/fp32 model")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TuneforgeError("model.load_in_4bit needs bitsandbytes: pip install 'tuneforge[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True,
+                                                      bnb_4bit_compute_dtype=torch.bfloat16),
+            "device_map": {"": torch.cuda.current_device()}}
 
 
 def _load_tokenizer(path: Path, trust_remote_code: bool):

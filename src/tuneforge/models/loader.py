@@ -54,6 +54,7 @@ def load_model(
     trust_remote_code: bool = False,
     pretrained: bool = True,
     causal_lm: bool = False,
+    load_in_4bit: bool = False,
 ) -> LoadedModel:
     """Load a backbone without its head, plus its ``ModelInfo`` (and tokenizer for text).
 
@@ -69,6 +70,8 @@ def load_model(
     if source == "auto":
         source = _resolve_source(name)
 
+    if load_in_4bit and source in ("timm", "alias"):
+        raise TuneforgeError(f"model.load_in_4bit applies to Hugging Face models loaded from a directory, not to '{name}'")
     if causal_lm and source in ("timm", "alias"):
         raise TuneforgeError(
             f"'{name}' is not a causal language model; causal-lm and preference tasks need a Hugging Face "
@@ -98,8 +101,9 @@ def load_model(
                 "never downloads: set model.name to a directory holding config.json, the weights and the tokenizer"
             )
         return load_hf(cached, label=f"hf cache '{name}' ({cached})", trust_remote_code=trust_remote_code,
-                       pretrained=pretrained, causal_lm=causal_lm)
-    return load_hf(path, trust_remote_code=trust_remote_code, pretrained=pretrained, causal_lm=causal_lm)
+                       pretrained=pretrained, causal_lm=causal_lm, load_in_4bit=load_in_4bit)
+    return load_hf(path, trust_remote_code=trust_remote_code, pretrained=pretrained, causal_lm=causal_lm,
+                   load_in_4bit=load_in_4bit)
 
 
 def _resolve_source(name: str) -> str:

@@ -27,5 +27,6 @@ def evaluate_run(run_dir, data: str, *, text_column: str | None = None, label_co
     loader = task.loader(task.dataset(records, labels, "test"), batch_size, train=False, seed=0)
     metrics = evaluate_loader(model, task, loader, task.metrics(labels), torch.device("cpu"))
     metrics["data"] = str(data)
-    metrics["labels"] = labels.names
+    if labels.names:
+        metrics["labels"] = labels.names
     return metrics

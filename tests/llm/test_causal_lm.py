@@ -282,3 +282,17 @@ def test_qlora_needs_lora_and_says_what_it_needs_on_cpu(lm_dirs, tmp_path):
         with pytest.raises(TuneforgeError, match="needs a CUDA GPU"):
             finetune(recipe)
         assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_predict_on_a_causal_lm_run_points_at_generate(lm_dirs, tmp_path):
+    from tuneforge.evaluate import evaluate_run
+    from tuneforge.saving import Predictor
+
+    recipe = _recipe(lm_dirs("gpt2"), tmp_path, "bitfit")
+    recipe["train"]["max_steps"] = 2
+    recipe["task"]["generation"]["eval_prompts"] = 0
+    run = finetune(recipe)
+    with pytest.raises(TuneforgeError, match="tuneforge generate"):
+        Predictor(run.path)
+    again = evaluate_run(run.path, recipe["data"]["validation"])  # the saved model scores the same loss
+    assert again["loss"] == pytest.approx(run.metrics["validation"]["loss"], rel=1e-3)

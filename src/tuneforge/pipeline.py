@@ -289,7 +289,8 @@ def _build_model(recipe, task, labels, device, init_from, log, n_train):
     t0 = time.perf_counter()
     m = recipe.model
     loaded = load_model(m.name, source=m.source, weights=m.weights, key_map=m.key_map,
-                        trust_remote_code=m.trust_remote_code, load_in_4bit=m.load_in_4bit, causal_lm=getattr(task, "generative", False))
+                        trust_remote_code=m.trust_remote_code, load_in_4bit=m.load_in_4bit,
+                        causal_lm=getattr(task, "generative", False) or getattr(task, "needs_lm_head", False))
     if loaded.info.modality != task.modality:
         raise TuneforgeError(
             f"model '{m.name}' is a {loaded.info.modality} model but task.type is {recipe.task.type}; "

@@ -56,6 +56,7 @@ class TaskSection(_Section):
     simpo_gamma: float = Field(0.5, ge=0, description="preference, SimPO: target reward margin (gamma/beta ratio as in the SimPO paper).")
     classifier: Literal["head", "label-words"] = Field("head", description="text-classification with a causal LM: a new linear head on pooled features (head), or score each label's words with the LM itself (label-words: constrained decoding of the label names; no new weights).")
     label_prompt: str = Field("\nLabel:", description="classifier: label-words: text placed after each input before the label word is scored.")
+    label_words: dict[str, str] = Field(default_factory=dict, description="classifier: label-words: the words scored for each label, e.g. {pos: positive, neg: negative}; a label not listed is scored by its own name. Words that are one token of the model's tokenizer score in one forward pass; longer ones cost a pass per label.")
     multi_label: bool = Field(False, description="Each example may carry several labels (sigmoid + binary cross-entropy).")
     label_separator: str = Field(",", description="Separator between labels inside one cell for multi-label CSV/TSV data.")
     max_length: Optional[int] = Field(None, ge=8, description="Maximum tokens per text (longer texts are truncated); default: the model's limit, capped at 512.")
@@ -63,6 +64,12 @@ class TaskSection(_Section):
     pooling: Literal["mean", "cls", "last"] = Field("mean", description="How token features become one vector for the text head: mean over real tokens, the first ([CLS]) token, or the last real token (use last for decoder LLMs such as Llama, Qwen, GPT-2: only the last token has seen the whole text).")
     image_size: Optional[int] = Field(None, ge=16, description="Square input size for images; default: the backbone's pretrained input size.")
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the classification head.")
+
+    @field_validator("label_words", mode="before")
+    @classmethod
+    def _words_as_text(cls, value: Any) -> Any:
+        # YAML reads `{0: negative, 1: positive}` with integer keys: labels are compared as text
+        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 class SplitColumns(_Section):
@@ -235,6 +242,8 @@ class Recipe(_Section):
                     f"strategy {self.strategy.name} is for classifiers (it trains or schedules a new task head); a "
                     f"{self.task.type} run keeps the model's own LM head — use lora (the usual choice), full, partial, "
                     "adapters, ia3, bitfit or prompt-tuning")
+        if self.task.classifier == "label-words" or self.task.label_words:
+            self._check_label_words(alias)
         if alias is not None and alias.modality != wanted:
             others = [n for n, a in ALIASES.items() if a.modality == wanted]
             raise ValueError(
@@ -271,6 +280,28 @@ class Recipe(_Section):
         if self.train.eval_batch_size is None:
             self.train.eval_batch_size = 2 * self.train.batch_size
         return self
+
+    def _check_label_words(self, alias) -> None:
+        t = self.task
+        if t.classifier != "label-words":
+            raise ValueError("task.label_words only applies with task.classifier: label-words; set that, or remove "
+                             "task.label_words")
+        if t.type != "text-classification":
+            raise ValueError(f"task.classifier: label-words is for text-classification, not {t.type}; "
+                             "remove task.classifier")
+        if alias is not None:
+            raise ValueError(
+                f"model '{self.model.name}' is a {alias.modality} encoder, but task.classifier: label-words scores "
+                "the label words with a decoder language model's own head: set model.name to a local Hugging Face "
+                "directory of a Llama, Qwen, GPT-2 (or similar) model, or use task.classifier: head")
+        if t.multi_label:
+            raise ValueError("task.classifier: label-words picks one label per text (the most likely words); for "
+                             "multi-label data use task.classifier: head")
+        if self.strategy.name in ("linear-probe", "auto", "gradual-unfreeze"):
+            raise ValueError(
+                f"strategy {self.strategy.name} trains or schedules a new task head, and task.classifier: "
+                "label-words has none (the LM's own head scores the labels) — use lora, full, partial, bitfit, "
+                "adapters, ia3 or prompt-tuning")
 
     def dump(self) -> dict:
         """The resolved recipe as plain data (every default filled in)."""

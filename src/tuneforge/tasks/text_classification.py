@@ -1,7 +1,10 @@
 """`text-classification`: single- or multi-label classification of texts.
 
 Texts are tokenised once, when the data set is built (not per epoch), and
-padded per batch to the longest member (dynamic padding).
+padded per batch to the longest member (dynamic padding). With a causal LM,
+``task.classifier: label-words`` scores the label names with the LM's own head
+instead of a new linear head (``tasks.label_words``); each text is then followed
+by ``task.label_prompt``, which truncation never cuts.
 """
 
 from __future__ import annotations
@@ -38,6 +41,18 @@ class TextClassification(ClassificationTask):
         self.max_length = recipe.task.max_length
         self.model_max_length: int | None = None  # set by attach(): the model's own limit
         self.truncated = {}
+        self.words = None  # label-words: how texts and labels become tokens (set by attach())
+        self.label_tokens: dict[str, list[int]] = {}  # label-words: each label's token ids (set by build_model())
+
+    @property
+    def needs_lm_head(self) -> bool:
+        """label-words scores the labels with the LM's own head, so the model loads with it."""
+        return self.recipe.task.classifier == "label-words"
+
+    @property
+    def cacheable(self) -> bool:
+        """The activation caches store a head's input; label-words has no separate head."""
+        return not self.needs_lm_head
 
     def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
         from ..data.records import read_records
@@ -63,6 +78,38 @@ class TextClassification(ClassificationTask):
         limit = loaded.info.preprocessing.get("max_length", 512)
         self.model_max_length = limit
         self.max_length = min(self.max_length or limit, limit)
+        if self.needs_lm_head:
+            from .label_words import LabelWords, check_decoder
+
+            check_decoder(loaded)
+            self.words = LabelWords(self.tokenizer, self.recipe.task.label_prompt)
+            if self.words.overhead + 1 > self.max_length:
+                raise TuneforgeError(f"task.label_prompt takes {len(self.words.prompt_ids)} tokens, leaving no room "
+                                     f"for the text within {self.max_length}; shorten it or raise task.max_length")
+
+    def build_model(self, loaded, labels: LabelMap):
+        if not self.needs_lm_head:
+            return super().build_model(loaded, labels)
+        from .label_words import build
+
+        model = build(loaded, self.words, labels.names, self.recipe.task.label_words)
+        self.label_tokens = {str(n): t for n, t in zip(labels.names, model.label_ids)}
+        # labels longer than one token are fed after the text: keep within the model's positions
+        self.max_length = min(self.max_length, (self.model_max_length or self.max_length) - model.extra_positions)
+        if self.max_length <= self.words.overhead:
+            raise TuneforgeError(f"the label words take {model.extra_positions + 1} tokens and the prompt "
+                                 f"{len(self.words.prompt_ids)}, leaving no room for the text in this model's "
+                                 f"{self.model_max_length} positions; use shorter task.label_words or label_prompt")
+        return model
+
+    def _tokenize(self, texts: list[str], **kwargs) -> list[list[int]]:
+        """Token ids of each text, untruncated; label-words adds the specials and the prompt itself."""
+        if not texts:
+            return []
+        if self.words is None:
+            return self.tokenizer(texts, truncation=False, **kwargs)["input_ids"]
+        bare = self.tokenizer(texts, truncation=False, add_special_tokens=False, **kwargs)["input_ids"]
+        return [self.words.wrap(ids) for ids in bare]
 
     def dataset(self, records: list, labels: LabelMap, split: str) -> TokenisedDataset:
         texts = [str(r.values["text"]) for r in records]
@@ -70,11 +117,14 @@ class TextClassification(ClassificationTask):
         # the texts over the limit are encoded again with truncation, so we can
         # report how many were cut without paying for a second full pass.
         kwargs = dict(return_attention_mask=False, return_token_type_ids=False, verbose=False)
-        encoded = self.tokenizer(texts, truncation=False, **kwargs)["input_ids"] if texts else []
+        encoded = self._tokenize(texts, **kwargs)
         long = [i for i, ids in enumerate(encoded) if len(ids) > self.max_length]
         if long and self.recipe.task.truncation == "error":
             raise self._too_long(records, encoded, long, split)
-        if long:
+        if long and self.words is not None:  # cut the text, keep the prompt
+            for i in long:
+                encoded[i] = self.words.fit(encoded[i], self.max_length)
+        elif long:
             cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=self.max_length, **kwargs)
             for i, ids in zip(long, cut["input_ids"]):
                 encoded[i] = ids
@@ -94,15 +144,19 @@ class TextClassification(ClassificationTask):
             "task.truncation: truncate to cut them (the count is reported in the manifest)"
         )
 
-    def collate(self, items: list[dict]) -> dict:
+    def pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad to the longest: (ids, attention mask), both (B, T)."""
         pad = self.tokenizer.pad_token_id or 0
-        longest = max(len(it["input_ids"]) for it in items)
-        ids = torch.full((len(items), longest), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(items), longest), dtype=torch.long)  # (B, T)
-        for row, it in enumerate(items):
-            n = len(it["input_ids"])
-            ids[row, :n] = torch.tensor(it["input_ids"])
-            mask[row, :n] = 1
+        longest = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), longest), pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(sequences), longest), dtype=torch.long)  # (B, T)
+        for row, s in enumerate(sequences):
+            ids[row, :len(s)] = torch.tensor(s)
+            mask[row, :len(s)] = 1
+        return ids, mask
+
+    def collate(self, items: list[dict]) -> dict:
+        ids, mask = self.pad([it["input_ids"] for it in items])
         dtype = torch.float32 if self.multi_label else torch.long
         return {
             "input_ids": ids,
@@ -121,11 +175,20 @@ class TextClassification(ClassificationTask):
                           generator=torch.Generator().manual_seed(seed))
 
     def settings(self) -> dict:
-        return {"max_length": self.max_length, "pooling": self.recipe.task.pooling,
-                "truncated": dict(self.truncated)}
+        out = {"max_length": self.max_length, "pooling": self.recipe.task.pooling, "truncated": dict(self.truncated)}
+        if self.words is not None:
+            out["classifier"] = "label-words"
+            out["prompt_tokens"] = self.words.prompt_ids
+            out["label_tokens"] = dict(self.label_tokens)
+        return out
 
     # -- prediction
     def encode_inputs(self, texts: list[str]) -> dict:
+        if self.words is not None:
+            encoded = self._tokenize([str(t) for t in texts], verbose=False)
+            ids, mask = self.pad([self.words.fit(e, self.max_length) if len(e) > self.max_length else e
+                                  for e in encoded])
+            return {"input_ids": ids, "attention_mask": mask}
         enc = self.tokenizer([str(t) for t in texts], truncation=True, max_length=self.max_length,
                              padding=True, return_tensors="pt", return_token_type_ids=False)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

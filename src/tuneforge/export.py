@@ -94,6 +94,12 @@ def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TuneforgeError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     model, task, labels, meta = load_model_dir(run_dir)
+    if meta["task"].get("classifier") == "label-words":
+        raise TuneforgeError(
+            "this run classifies with task.classifier: label-words (the whole causal LM scores each label's words), "
+            "which the exporters do not write yet; serve it with `tuneforge serve` / `tuneforge predict`, load "
+            "model/backbone (a full run's fine-tuned causal LM) with transformers, or train with "
+            "task.classifier: head to export a classification head")
     model.eval()
     if getattr(task, "generative", False):
         return _export_causal_lm(model, task, meta, fmt, out, log)

@@ -20,6 +20,9 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.llm.toy import write_jsonl, write_toy_preference
 from tuneforge.tasks.preference import REFERENCE_FILE, PreferenceTask, reference_model, sequence_logps
 
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dpo-tiny.yaml"
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Models this small gain nothing from a second thread, and on a shared 2-core machine two
@@ -254,3 +257,18 @@ def test_bad_record_names_the_line(toy, tmp_path):
         finetune(recipe)
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
+
+def test_dpo_tiny_recipe_runs(toy, tmp_path, monkeypatch):
+    """The shipped recipe, as its header runs it: toy model and data under runs/toy-dpo."""
+    from tuneforge.recipe import load_recipe
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "toy-dpo").symlink_to(Path(toy["model"]).parent)
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(RECIPE, ["train.max_steps=4", "train.eval_every=2", "train.progress=false",
+                                  "output.report=false", "task.generation.eval_prompts=2",
+                                  "task.generation.max_new_tokens=4", "output.dir=out"])
+    assert recipe.task.type == "preference" and recipe.strategy.name == "lora"
+    run = finetune(recipe)
+    assert run.metrics["validation"]["reward_accuracy"] >= 0.5 and run.metrics["generation"]["prompts"] == 2
+    assert (run.path / REFERENCE_FILE).exists() and (run.path / "model" / "adapter").is_dir()

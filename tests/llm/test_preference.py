@@ -1,4 +1,4 @@
-"""Preference tuning (DPO, SimPO) on a toy Llama built in the test (``tuneforge.llm.toy``):
+"""Preference tuning (DPO, SimPO) on the tiny random-init Llama of ``tuneforge make-tiny-lm``:
 for "reverse abc =", prefer " cba" over the reply that does not stop, " cba cba"."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tuneforge import finetune
 from tuneforge.errors import TuneforgeError
-from tuneforge.llm.toy import write_jsonl, write_toy_preference
+from tuneforge.llm.tiny import make_tiny_lm, write_jsonl
 from tuneforge.tasks.preference import REFERENCE_FILE, PreferenceTask, reference_model, sequence_logps
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dpo-tiny.yaml"
@@ -34,14 +34,18 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return write_toy_preference(tmp_path_factory.mktemp("toy"), train=48, validation=16)
+def tiny(tmp_path_factory):
+    """The tiny model, and the first 48 / 16 of its preference pairs (kept small for speed)."""
+    model = make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+    return {"model": model,
+            "train": write_jsonl(model / "pref-train.jsonl", _pairs(model / "dpo-train.jsonl")[:48]),
+            "validation": write_jsonl(model / "pref-val.jsonl", _pairs(model / "dpo-val.jsonl")[:16])}
 
 
-def _recipe(toy, out, strategy="full", task=None, train=None, **sections):
-    return {"model": {"name": str(toy["model"])},
+def _recipe(tiny, out, strategy="full", task=None, train=None, **sections):
+    return {"model": {"name": str(tiny["model"])},
             "task": {"type": "preference", "max_length": 64, "generation": {"eval_prompts": 0}, **(task or {})},
-            "data": {"train": str(toy["train"]), "validation": str(toy["validation"])},
+            "data": {"train": str(tiny["train"]), "validation": str(tiny["validation"])},
             "strategy": {"name": strategy},
             "train": {"max_steps": 12, "eval_every": 3, "batch_size": 8, "lr": 3e-3, "precision": "fp32",
                       "progress": False, **(train or {})},
@@ -77,8 +81,8 @@ def _evals(run_path) -> list[dict]:
     return [e for e in lines if e["event"] == "eval"]
 
 
-def test_dpo_loss_falls_and_reward_accuracy_rises(toy, tmp_path):
-    run = finetune(_recipe(toy, tmp_path / "run", "full"))
+def test_dpo_loss_falls_and_reward_accuracy_rises(tiny, tmp_path):
+    run = finetune(_recipe(tiny, tmp_path / "run", "full"))
     evals = _evals(run.path)
     assert [e["step"] for e in evals] == [3, 6, 9, 12]
     first, last = evals[0], evals[-1]
@@ -90,7 +94,7 @@ def test_dpo_loss_falls_and_reward_accuracy_rises(toy, tmp_path):
     # full fine-tuning: the cached reference is the initial model's log-probs, from a pass before the first step
     cached = load_file(str(run.path / REFERENCE_FILE))
     assert cached["train"].shape == (48, 2) and cached["validation"].shape == (16, 2)
-    expected = hf_reply_logps(toy["model"], _pairs(toy["validation"]))
+    expected = hf_reply_logps(tiny["model"], _pairs(tiny["validation"]))
     torch.testing.assert_close(cached["validation"], expected, atol=1e-4, rtol=1e-5)
     settings = json.loads((run.path / "manifest.json").read_text())["task_settings"]
     assert settings["reference"]["reused"] is False and settings["loss"] == "dpo"
@@ -102,32 +106,31 @@ def test_dpo_loss_falls_and_reward_accuracy_rises(toy, tmp_path):
     assert len(gen.complete(["reverse abc ="], max_new_tokens=4)) == 1
 
 
-def test_simpo_learns_without_a_reference(toy, tmp_path):
+def test_simpo_learns_without_a_reference(tiny, tmp_path):
     from tuneforge.evaluate import evaluate_run
 
-    run = finetune(_recipe(toy, tmp_path / "run", "lora", task={"loss": "simpo", "beta": 2.0},
-                           train={"lr": 1e-2}))
+    run = finetune(_recipe(tiny, tmp_path / "run", "full", task={"loss": "simpo", "beta": 2.0}))
     evals = _evals(run.path)
     assert evals[-1]["loss"] < evals[0]["loss"] and evals[-1]["reward_margin"] > evals[0]["reward_margin"]
     assert evals[-1]["reward_accuracy"] >= 0.9
     assert not (run.path / REFERENCE_FILE).exists()  # SimPO has no reference model
-    # the saved LoRA adapter loads and scores the validation pairs as the trained model did
-    again = evaluate_run(run.path, str(toy["validation"]))
+    # the saved model loads and scores the validation pairs as the trained model did
+    again = evaluate_run(run.path, str(tiny["validation"]))
     for key in ("loss", "reward_accuracy", "reward_margin"):
         assert again[key] == pytest.approx(run.metrics["validation"][key], abs=1e-4)
 
 
-def test_lora_reference_is_the_base_model_sharing_its_weights(toy, tmp_path):
+def test_lora_reference_is_the_base_model_sharing_its_weights(tiny, tmp_path):
     from tuneforge.evaluate import evaluate_run
     from tuneforge.saving import load_model_dir
 
-    run = finetune(_recipe(toy, tmp_path / "run", "lora", train={"lr": 1e-2}))
-    base = hf_reply_logps(toy["model"], _pairs(toy["validation"]))
+    run = finetune(_recipe(tiny, tmp_path / "run", "lora", train={"lr": 1e-2}))
+    base = hf_reply_logps(tiny["model"], _pairs(tiny["validation"]))
     torch.testing.assert_close(load_file(str(run.path / REFERENCE_FILE))["validation"], base, atol=1e-4, rtol=1e-5)
 
     model, task, labels, _ = load_model_dir(run.path)  # the trained adapters on the base model
     assert hasattr(model, "disable_adapter")
-    dataset = task.dataset(task.read("validation", str(toy["validation"]), limit=None, skipped=[]), labels,
+    dataset = task.dataset(task.read("validation", str(tiny["validation"]), limit=None, skipped=[]), labels,
                            "validation")
     storage = {p.data_ptr() for p in model.parameters()}
     with reference_model(model) as reference:
@@ -141,13 +144,13 @@ def test_lora_reference_is_the_base_model_sharing_its_weights(toy, tmp_path):
         policy = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
     assert (policy.view(2, -1).T - base).abs().max() > 1e-2  # while the trained adapters do change it
     # `tuneforge eval` on new data: no cache, so the reference is computed inline, adapters disabled
-    again = evaluate_run(run.path, str(toy["validation"]))
+    again = evaluate_run(run.path, str(tiny["validation"]))
     for key in ("loss", "reward_accuracy", "reward_margin"):
         assert again[key] == pytest.approx(run.metrics["validation"][key], abs=1e-4)
 
 
-def test_resumed_run_reuses_the_reference_cache(toy, tmp_path, monkeypatch):
-    recipe = _recipe(toy, tmp_path / "run", "full", train={"max_steps": 6, "eval_every": 2, "save_every": 2,
+def test_resumed_run_reuses_the_reference_cache(tiny, tmp_path, monkeypatch):
+    recipe = _recipe(tiny, tmp_path / "run", "full", train={"max_steps": 6, "eval_every": 2, "save_every": 2,
                                                            "keep_checkpoints": 5})
     done = finetune(recipe)
     cache = done.path / REFERENCE_FILE
@@ -169,17 +172,17 @@ def test_resumed_run_reuses_the_reference_cache(toy, tmp_path, monkeypatch):
     assert resumed.metrics["validation"]["loss"] == pytest.approx(done.metrics["validation"]["loss"], abs=1e-6)
 
 
-def test_reference_cache_is_keyed_by_weights_and_data(toy, tmp_path):
+def test_reference_cache_is_keyed_by_weights_and_data(tiny, tmp_path):
     from tuneforge.models import load_model
     from tuneforge.recipe import load_recipe
     from tuneforge.tasks import get_task
 
-    recipe = load_recipe(_recipe(toy, tmp_path / "run"))
+    recipe = load_recipe(_recipe(tiny, tmp_path / "run"))
     task = get_task(recipe)
-    loaded = load_model(str(toy["model"]), causal_lm=True)
+    loaded = load_model(str(tiny["model"]), causal_lm=True)
     task.attach(loaded)
     model = task.build_model(loaded, None)
-    records = task.read("train", str(toy["train"]), limit=16, skipped=[])
+    records = task.read("train", str(tiny["train"]), limit=16, skipped=[])
     notes = []
 
     def prepare(data):
@@ -197,7 +200,7 @@ def test_reference_cache_is_keyed_by_weights_and_data(toy, tmp_path):
     assert "reused" not in notes[-1] and not torch.allclose(changed, first)
 
 
-def test_pairs_carry_loss_on_the_replies_only(toy, tmp_path):
+def test_pairs_carry_loss_on_the_replies_only(tiny, tmp_path):
     """Chat-form pairs: a multi-turn prompt's own assistant turn is context, not a target."""
     from tuneforge.models import load_model
     from tuneforge.recipe import load_recipe
@@ -209,12 +212,12 @@ def test_pairs_carry_loss_on_the_replies_only(toy, tmp_path):
              "rejected": [{"role": "assistant", "content": "dab dab"}]},
             {"prompt": "reverse fed =", "chosen": " def", "rejected": " fed"}]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
-    recipe = load_recipe(_recipe(toy, tmp_path / "run"))
+    recipe = load_recipe(_recipe(tiny, tmp_path / "run"))
     task = get_task(recipe)
-    loaded = load_model(str(toy["model"]), causal_lm=True)
+    loaded = load_model(str(tiny["model"]), causal_lm=True)
     task.attach(loaded)
     dataset = task.dataset(task.read("train", str(path), limit=None, skipped=[]), None, "train")
-    assert task.template_name == "chatml"  # message lists: chat data (the toy tokenizer has no template)
+    assert task.template_name == "chatml"  # message lists: chat data (the tiny tokenizer has no template)
     tok = task.tokenizer
 
     def targets(ids, labels):
@@ -247,23 +250,22 @@ def test_pairs_carry_loss_on_the_replies_only(toy, tmp_path):
     assert ids == dataset.pairs[1]["chosen"][0][:cut] and labels[-2:] == ids[-2:]
 
 
-def test_bad_record_names_the_line(toy, tmp_path):
-    rows = _pairs(toy["train"])[:4]
+def test_bad_record_names_the_line(tiny, tmp_path):
+    rows = _pairs(tiny["train"])[:4]
     del rows[2]["rejected"]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    recipe = _recipe(toy, tmp_path / "run")
+    recipe = _recipe(tiny, tmp_path / "run")
     recipe["data"]["train"] = str(train)
     with pytest.raises(TuneforgeError, match=r"train\.jsonl line 3: a preference record needs rejected"):
         finetune(recipe)
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_dpo_tiny_recipe_runs(toy, tmp_path, monkeypatch):
-    """The shipped recipe, as its header runs it: toy model and data under runs/toy-dpo."""
+def test_dpo_tiny_recipe_runs(tiny, tmp_path, monkeypatch):
+    """The shipped recipe, as its header runs it: `tuneforge make-tiny-lm tiny-lm` wrote ./tiny-lm."""
     from tuneforge.recipe import load_recipe
 
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "toy-dpo").symlink_to(Path(toy["model"]).parent)
+    (tmp_path / "tiny-lm").symlink_to(tiny["model"])
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(RECIPE, ["train.max_steps=4", "train.eval_every=2", "train.progress=false",
                                   "output.report=false", "task.generation.eval_prompts=2",

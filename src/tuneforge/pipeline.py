@@ -391,6 +391,10 @@ def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, d
     elif strategy.name in ("linear-probe", "partial"):
         log(f"activation cache off: {why_not if strategy.name == 'linear-probe' else why_not_prefix}")
     prep_s += time.perf_counter() - t0
+    if hasattr(task, "prepare_reference"):  # preference (DPO): reference log-probs, once, before any trained weights
+        t0 = time.perf_counter()
+        task.prepare_reference(model, datasets, device, autocast, run.path, log)
+        prep_s += time.perf_counter() - t0
     if loaders is None:
         loaders = {k: task.loader(d, cfg.batch_size if k == "train" else cfg.eval_batch_size, train=k == "train",
                                   seed=cfg.seed) for k, d in datasets.items()}

@@ -192,4 +192,6 @@ def to_preference(obj, where: str) -> dict:
         if turns[-1]["role"] != "assistant":
             raise TuneforgeError(f"{where}: '{name}' must end with an assistant reply")
     return {"format": "preference", "prompt": _turns(obj["prompt"], where, "prompt"), "chosen": chosen,
-            "rejected": rejected}
+            "rejected": rejected,
+            # message lists are chat data (a chat template under `auto`), strings are prompt/completion data
+            "chat": any(isinstance(obj[k], list) for k in ("prompt", "chosen", "rejected"))}

@@ -70,8 +70,11 @@ def reverse_task(n: int, seed: int) -> list[dict]:
 
 
 def preference_task(n: int, seed: int) -> list[dict]:
-    """The reverse task as preferences: the reversed word is chosen, the word unchanged rejected."""
-    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": " " + r["prompt"].split()[1]}
+    """The reverse task as preferences: the answer is chosen, the same answer that does not stop
+    (" dcba dcba") rejected — the failure preference tuning is often used to remove. A random-init
+    model learns this preference in seconds; preferring " dcba" over the word unchanged would
+    need the reversal itself learnt first (SFT), which preference pairs alone teach too slowly."""
+    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["completion"] * 2}
             for r in reverse_task(n, seed)]
 
 

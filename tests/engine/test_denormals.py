@@ -4,6 +4,7 @@ evaluates, in every intra-op thread, and the previous setting is back afterwards
 from __future__ import annotations
 
 import pytest
+import sklearn.metrics  # noqa: F401 - loaded as in a run: a second libgomp, with threads of its own
 import torch
 
 from helpers import text_recipe, write_text_csv

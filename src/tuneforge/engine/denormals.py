@@ -7,8 +7,8 @@ made a bare training step 15-25% faster on our CPU machine (PERFORMANCE.md).
 ``torch.set_flush_denormal`` sets those bits for the calling thread only: the intra-op
 (OpenMP) threads that already exist, which compute most of a large operation, keep theirs.
 So the setting is applied in every thread of the OpenMP team too, by running it inside one
-parallel region of the same libgomp that torch uses (Linux builds); where that runtime is
-not found (macOS, Windows), only the calling thread flushes.
+parallel region of the libgomp that torch uses (Linux builds); where that runtime is not
+found (macOS, Windows), only the calling thread flushes.
 
 torch has no getter for the setting; :func:`flushed` tells by arithmetic.
 """
@@ -29,13 +29,23 @@ def flushed() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _gomp():
-    """``GOMP_parallel`` of the libgomp loaded in this process (torch's), or None."""
+    """``GOMP_parallel`` of the libgomp that torch runs its intra-op threads on, or None.
+
+    Other packages bring their own copy with its own threads (scikit-learn's wheel ships
+    ``libgomp-<hash>.so``), so the copy is chosen with care: the one in torch's own folder
+    (pip wheels), else the one already loaded under the plain name ``libgomp.so.1``."""
+    import os
+
+    torch_dir = os.path.dirname(os.path.realpath(torch.__file__)) + os.sep
     try:
         with open("/proc/self/maps") as maps:
-            path = next((line.split()[-1] for line in maps if "/libgomp" in line), None)
-        if path is None:
-            return None
-        fn = ctypes.CDLL(path).GOMP_parallel
+            loaded = {line.split()[-1] for line in maps if "/libgomp" in line}
+        ours = [p for p in loaded if os.path.realpath(p).startswith(torch_dir)]
+        if ours:
+            lib = ctypes.CDLL(ours[0])
+        else:  # torch linked against a libgomp outside its folder (conda, distro builds)
+            lib = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+        fn = lib.GOMP_parallel
     except (OSError, AttributeError):
         return None
     body_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)

@@ -65,3 +65,24 @@ def tiny_timm_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_timm") / f"{TINY_TIMM_ARCH}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return TINY_TIMM_ARCH, path
+
+
+@pytest.fixture
+def real_matmul_peak():
+    """Request this to measure the MFU yardstick at full size (see ``_small_matmul_peak``)."""
+
+
+@pytest.fixture(autouse=True)
+def _small_matmul_peak(request, monkeypatch):
+    """Every run measures its MFU yardstick twice (a 2048x2048 matmul, best of 5, before and
+    after training): ~1.2 s of a tiny test run's ~4 s on a quiet 2-core machine. Tests
+    measure it on a 256x256 matmul instead, which is still a real, positive peak; the tests
+    of the figures themselves ask for ``real_matmul_peak``. Runs in a subprocess measure
+    the full size."""
+    if "real_matmul_peak" in request.fixturenames:
+        return
+    from tuneforge.engine import throughput
+
+    real = throughput.measure_matmul_peak
+    monkeypatch.setattr(throughput, "measure_matmul_peak",
+                        lambda device, dtype, n=256, repeats=2: real(device, dtype, n=n, repeats=repeats))

@@ -14,6 +14,12 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# One intra-op thread, set before torch loads so that the runs tests start in subprocesses
+# (kill and resume, signals) inherit it. The tiny models here gain nothing from a second
+# thread, and on a shared 2-core machine two OpenMP threads wait on each other: a tiny image
+# run took 0.7 s with one and 11.8 s with two while other jobs ran. `OMP_NUM_THREADS=2 make
+# test` overrides it; the tests of multi-threaded paths set their own count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

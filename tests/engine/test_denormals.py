@@ -30,10 +30,13 @@ def flushed_share() -> float:
 
 
 @pytest.fixture(autouse=True)
-def _off_around_each_test():
-    set_flush_denormal(False)  # every thread, as the rest of the suite expects
-    yield
+def _two_threads_and_off_around_each_test():
+    threads = torch.get_num_threads()  # one in this suite (conftest)
+    torch.set_num_threads(2)  # an intra-op thread besides this one, whatever the machine
     set_flush_denormal(False)
+    yield
+    set_flush_denormal(False)  # every thread, as the rest of the suite expects
+    torch.set_num_threads(threads)
 
 
 @needs_support

@@ -14,6 +14,12 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# One intra-op thread, set before torch loads so that the runs tests start in subprocesses
+# (kill and resume, signals) inherit it. The tiny models here gain nothing from a second
+# thread, and on a shared 2-core machine two OpenMP threads wait on each other: a tiny image
+# run took 0.7 s with one and 11.8 s with two while other jobs ran. `OMP_NUM_THREADS=2 make
+# test` overrides it; the tests of multi-threaded paths set their own count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -65,3 +71,24 @@ def tiny_timm_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_timm") / f"{TINY_TIMM_ARCH}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return TINY_TIMM_ARCH, path
+
+
+@pytest.fixture
+def real_matmul_peak():
+    """Request this to measure the MFU yardstick at full size (see ``_small_matmul_peak``)."""
+
+
+@pytest.fixture(autouse=True)
+def _small_matmul_peak(request, monkeypatch):
+    """Every run measures its MFU yardstick twice (a 2048x2048 matmul, best of 5, before and
+    after training): ~1.2 s of a tiny test run's ~4 s on a quiet 2-core machine. Tests
+    measure it on a 256x256 matmul instead, which is still a real, positive peak; the tests
+    of the figures themselves ask for ``real_matmul_peak``. Runs in a subprocess measure
+    the full size."""
+    if "real_matmul_peak" in request.fixturenames:
+        return
+    from tuneforge.engine import throughput
+
+    real = throughput.measure_matmul_peak
+    monkeypatch.setattr(throughput, "measure_matmul_peak",
+                        lambda device, dtype, n=256, repeats=2: real(device, dtype, n=n, repeats=repeats))

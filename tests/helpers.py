@@ -44,7 +44,8 @@ def text_recipe(tiny_bert_dir, train_file, out, name="full", **extra) -> dict:
         "data": {"train": str(train_file), "validation_split": 0.25},
         "strategy": {"name": name},
         "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "progress": False, "precision": "fp32"},
-        "output": {"dir": str(out)},
+        # report.html (matplotlib figures) costs ~1 s a run; the tests of the report turn it on
+        "output": {"dir": str(out), "report": False},
     }
     for key, value in extra.items():
         recipe.setdefault(key, {}).update(value)
@@ -59,7 +60,8 @@ def image_recipe(tiny_timm_weights, train_dir, out, name="full", **extra) -> dic
         "data": {"train": str(train_dir), "validation_split": 0.25},
         "strategy": {"name": name},
         "train": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "progress": False, "precision": "fp32"},
-        "output": {"dir": str(out)},
+        # report.html (matplotlib figures) costs ~1 s a run; the tests of the report turn it on
+        "output": {"dir": str(out), "report": False},
     }
     recipe["data"]["num_workers"] = 0
     for key, value in extra.items():

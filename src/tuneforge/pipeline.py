@@ -434,6 +434,8 @@ def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, d
                       train_loader=loaders["train"], val_loader=loaders["validation"], cfg=cfg, device=device,
                       amp_dtype=amp_dtype, metrics_factory=lambda: task.metrics(labels), callbacks=callbacks)
     trainer.channels_last = _channels_last(recipe, task.modality, device)
+    if cfg.flush_denormal and device.type == "cpu":
+        log("denormals: flushed to zero while training and evaluating (train.flush_denormal)")
     trainer.replay = replay  # removed when the run ends (pipeline's finally)
     if strategy_callbacks:
         trainer.callbacks[:0] = strategy_callbacks(trainer, log)

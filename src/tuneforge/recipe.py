@@ -151,6 +151,7 @@ class TrainSection(_Section):
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding, faster).")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="Image models: keep weights and images in channels-last (NHWC) memory layout. auto = on for CUDA (faster convolutions with bf16/fp16 tensor cores), off on CPU (measured no faster there: PERFORMANCE.md).")
     gradient_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward pass instead of keeping them: much less memory for long texts and big models, about a third more compute. Hugging Face and timm backbones.")
+    flush_denormal: bool = Field(True, description="CPU: flush subnormal floats (magnitude below 1.2e-38 in fp32) to zero while training and evaluating, in every intra-op thread, and restore the previous setting afterwards. Real images drive convolutional backward passes into subnormals, which x86 computes slowly: 15-25% per EfficientNet step measured (PERFORMANCE.md); the values flushed are far below what changes a result. No effect on GPUs.")
     compile: bool = Field(False, description="torch.compile the backbone (in place; saved weights keep their names). Opt-in: compiling takes tens of seconds to minutes, which only pays off on long runs; text batches of varying length compile with dynamic shapes.")
     progress: bool = Field(True, description="Show progress bars.")
 

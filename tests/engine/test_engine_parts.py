@@ -91,7 +91,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_bert_dir, tmp_path):
         torch.testing.assert_close(heads[0][k], heads[1][k], rtol=1e-5, atol=1e-6)
 
 
-def test_speed_figures_are_measured(tiny_bert_dir, tmp_path):
+def test_speed_figures_are_measured(tiny_bert_dir, tmp_path, real_matmul_peak):
     import json
 
     from helpers import text_recipe, write_text_csv

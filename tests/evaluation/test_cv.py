@@ -20,7 +20,8 @@ def _jsonl(path):
 
 def test_cv_gives_k_runs_and_a_summary_of_their_means(tiny_bert_dir, tmp_path, capsys):
     train = write_text_csv(tmp_path / "train.csv", n=30)
-    recipe = text_recipe(tiny_bert_dir, train, tmp_path / "unused", "full", train={"epochs": 1})
+    recipe = text_recipe(tiny_bert_dir, train, tmp_path / "unused", "full", train={"epochs": 1},
+                         output={"report": True})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["cv", str(tmp_path / "r.yaml"), "--folds", "3", "--output", str(tmp_path / "cv")]) == 0
     out = capsys.readouterr().out

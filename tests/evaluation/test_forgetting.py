@@ -128,7 +128,8 @@ def test_report_shows_forgetting(tiny_bert_dir, tmp_path):
     retain = tmp_path / "general.csv"
     retain.write_text("text\n" + "\n".join(f"the film was {w}" for w in POS + NEG) + "\n")
     run = tuneforge.finetune(text_recipe(tiny_bert_dir, write_text_csv(tmp_path / "t.csv", n=24), tmp_path / "r",
-                                         "full", train={"max_steps": 4, "eval_every": 2}, retain={"data": str(retain)}))
+                                         "full", train={"max_steps": 4, "eval_every": 2}, retain={"data": str(retain)},
+                                         output={"report": True}))
     page = (run.path / "report.html").read_text()
     assert "<section id='forgetting'>" in page and (run.path / "report" / "forgetting.png").stat().st_size > 1000
     history = run.metrics["forgetting"]["history"]

@@ -191,7 +191,17 @@ class Trainer:
         return iterable
 
     # -- the loop --------------------------------------------------------------------------
+    def flush_denormals(self):
+        """Subnormal floats flushed to zero on CPU while training and evaluating (train.flush_denormal)."""
+        from .denormals import flush_denormals
+
+        return flush_denormals(self.device, getattr(self.cfg, "flush_denormal", True))
+
     def fit(self) -> TrainState:
+        with self.flush_denormals():
+            return self._fit()
+
+    def _fit(self) -> TrainState:
         s, cfg = self.state, self.cfg
         eval_at_epoch_end = cfg.eval_every is None
         self.measure_flops()
@@ -270,8 +280,9 @@ class Trainer:
         return metrics
 
     def evaluate(self, loader, description: str = "eval") -> dict:
-        return evaluate_loader(self.model, self.task, loader, self.metrics_factory(), self.device,
-                               self.autocast, lambda it: self.track(it, len(loader), description))
+        with self.flush_denormals():
+            return evaluate_loader(self.model, self.task, loader, self.metrics_factory(), self.device,
+                                   self.autocast, lambda it: self.track(it, len(loader), description))
 
 
 @torch.inference_mode()

@@ -99,7 +99,7 @@ def machine_info() -> dict:
     except (OSError, StopIteration, ValueError):
         pass
     versions = {}
-    for pkg in ("tuneforge", "torch", "transformers", "peft", "accelerate", "timm", "torchvision", "tokenizers",
+    for pkg in ("tuneforge", "torch", "transformers", "peft", "accelerate", "timm", "torchvision", "tokenizers", "trl", "datasets",
                 "scikit-learn"):
         try:
             versions[pkg] = metadata.version(pkg)

@@ -30,6 +30,11 @@ from .base import LabelMap
 
 # Longest row by default: the model's own limit, capped (attention cost grows with its square).
 DEFAULT_MAX_LENGTH = 1024
+# On CPU the LM head's row count is rounded up to a multiple of this (zero rows, no loss). The
+# number of target tokens changes with every batch, and oneDNN builds and caches a kernel per
+# matmul shape: a new shape each step cost ~15 MB of resident memory per step, without bound
+# (a 17M Llama grew from 2.1 to 2.6 GB in 30 steps; flat with the rounding; PERFORMANCE.md).
+LM_HEAD_ROWS_MULTIPLE = 64
 
 
 class CausalLM(nn.Module):
@@ -57,8 +62,13 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden)  # (B, T, V)
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
         keep = targets != IGNORE
-        logits = self.lm_head(hidden[:, :-1][keep])  # (N, V): only positions that carry loss
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        picked, target = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,): only positions that carry loss
+        pad = -picked.shape[0] % LM_HEAD_ROWS_MULTIPLE if picked.device.type == "cpu" else 0
+        if pad:  # a few shapes instead of one per batch (LM_HEAD_ROWS_MULTIPLE); padded rows carry no loss
+            picked = torch.cat([picked, picked.new_zeros(pad, picked.shape[1])])
+            target = torch.cat([target, target.new_full((pad,), IGNORE)])
+        logits = self.lm_head(picked)  # (N + pad, V)
+        loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
         return loss, keep.sum()
 
 

@@ -43,7 +43,8 @@ COLUMNS = [
     ("contender", "contender", ""), ("strategy", "strategy", ""), ("steps", "steps", ""),
     ("real tok/s", "real_tokens_per_s", ".0f"), ("samples/s", "samples_per_s", ".1f"),
     ("prep s", "preprocess_s", ".2f"), ("train s", "train_s", ".1f"), ("wall s", "wall_s", ".1f"),
-    ("peak RSS MB", "peak_rss_mb", ".0f"), ("final train loss", "final_train_loss", ".4f"),
+    ("peak RSS MB", "peak_rss_mb", ".0f"), ("train loss", "mean_train_loss", ".4f"),
+    ("last-10 loss", "final_train_loss", ".4f"),
     ("eval loss", "eval_loss", ".4f"), ("tok/s vs tf", "x_real_tokens_per_s", "x"),
     ("train s vs tf", "x_train_s", "x"), ("RSS vs tf", "x_peak_rss", "x"), ("other load", "other_cpu_share", "pct"),
 ]
@@ -178,12 +179,17 @@ def trl_config(args, strategy: str, lr: float, d: dict, out: Path) -> dict:
             "lora": LORA, "output_dir": str(out)}
 
 
-def final_train_loss(row: dict) -> float | None:
-    """The mean training loss over the last logging interval (10 steps) of each contender."""
+def train_losses(row: dict, run_dir: Path) -> dict:
+    """The mean training loss over every step, and over the last logging interval (10 steps;
+    tuneforge also logs the epoch's last, shorter interval, TRL does not: their windows differ)."""
     if row["contender"] == "tuneforge":
-        return row.get("train_loss_last")
+        events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        train, last, total = [e for e in events if e.get("event") == "train"], 0, 0.0
+        for e in train:  # each event: the mean over the steps since the previous one
+            total, last = total + e["loss"] * (e["step"] - last), e["step"]
+        return {"mean_train_loss": total / last if last else None, "final_train_loss": row.get("train_loss_last")}
     history = row.get("log_history") or []
-    return history[-1]["loss"] if history else None
+    return {"mean_train_loss": row.get("train_loss_mean"), "final_train_loss": history[-1]["loss"] if history else None}
 
 
 def parse_args(argv=None):
@@ -243,7 +249,7 @@ def main(argv=None) -> int:
             row.update(contender=contender, strategy=strategy, lr=lr)
             common.add_rates(row, samples, tokens)
             if row.get("ok"):
-                row["final_train_loss"] = final_train_loss(row)
+                row.update(train_losses(row, work.runs / name))
             rows.append(row)
     common.add_ratios(rows)
     for row in rows:  # tokens/s of tuneforge over the contender's: > 1 means tuneforge is faster

@@ -1,4 +1,4 @@
-"""The instruction-following demonstration (benchmarks/instruct_demo.py), shrunk: supervised
+"""The instruction-following demonstration (benchmarks/instruct_demo.py), cut down: supervised
 fine-tuning with loss masking must teach a pre-trained tiny Llama a task it could not do before."""
 
 from __future__ import annotations

@@ -86,18 +86,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def make_tokenizer(directory: Path, texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """tuneforge's byte-level BPE (``llm.tiny``) with this demo's three special tokens."""
+    from tuneforge.llm.tiny import make_tokenizer as byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(directory)
-    return fast
+    return byte_level_bpe(directory, texts, vocab_size=vocab_size, special=SPECIAL)
 
 
 def make_model(directory: Path, tokenizer, hidden: int, layers: int, seed: int) -> int:

@@ -127,11 +127,7 @@ def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: 
             except TuneforgeError:
                 pass
         report.pop("_int8_predictions", None)
-        (tmp / "export.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.replace(out)
+        _publish(tmp, out, report)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -173,16 +169,21 @@ def _export_causal_lm(model, task, meta: dict, fmt: str, out: Path, log) -> dict
         if diff > 1e-3 * max(1.0, float(reference.abs().max())):
             raise TuneforgeError(f"the exported causal LM's logits differ from the run's by up to {diff:.3g} "
                                  "(tolerance 1e-3 x max(1, |logit|)); nothing was written")
-        (tmp / "export.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.replace(out)
+        _publish(tmp, out, report)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log(f"export hf: {out} — parity on {ids.numel()} tokens: max |logit diff| {diff:.3g}")
     return report
+
+
+def _publish(tmp: Path, out: Path, report: dict) -> None:
+    """Write the report next to the checked export, then move the whole directory into place."""
+    (tmp / "export.json").write_text(json.dumps(report, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.replace(out)
 
 
 def _compare(reference: torch.Tensor, got: torch.Tensor, tolerance: float | None, min_agreement: float) -> dict:

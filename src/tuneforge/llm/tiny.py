@@ -18,7 +18,8 @@ SPECIAL = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 LETTERS = "abcdefgh"
 
 
-def make_tokenizer(directory, corpus: list[str], vocab_size: int = 300, chat_template: str | None = None):
+def make_tokenizer(directory, corpus: list[str], vocab_size: int = 300, chat_template: str | None = None,
+                   special: list[str] = SPECIAL):
     """A byte-level BPE tokenizer trained on ``corpus`` (decodes to the exact text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -27,7 +28,7 @@ def make_tokenizer(directory, corpus: list[str], vocab_size: int = 300, chat_tem
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     if chat_template:

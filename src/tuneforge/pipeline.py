@@ -144,18 +144,27 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
     """
     from rich.console import Console
 
-    from .data.records import file_fingerprint
-    from .engine.checkpoint import newest_valid, recover
-    from .engine.precision import precision_name, resolve_device, resolve_precision
-    from .resume import check_same_run, find_run_to_resume
-    from .tasks import get_task
-
     if resume and init_from:
         raise TuneforgeError("--resume continues a run exactly and --init-from starts a new one; use one of them")
     origin = str(recipe) if isinstance(recipe, (str, Path)) else None
     recipe = load_recipe(recipe, overrides)
     console = console if console is not None else Console(stderr=True)
     log = _Log(console)
+    from .engine.precision import resolve_device
+    from .engine.threads import intra_op_threads
+
+    with intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device), log):
+        return _finetune(recipe, origin, console, log, argv=argv, overwrite=overwrite, resume=resume,
+                         init_from=init_from)
+
+
+def _finetune(recipe: Recipe, origin: str | None, console, log, *, argv, overwrite, resume, init_from) -> Run:
+    from .data.records import file_fingerprint
+    from .engine.checkpoint import newest_valid, recover
+    from .engine.precision import precision_name, resolve_device, resolve_precision
+    from .resume import check_same_run, find_run_to_resume
+    from .tasks import get_task
+
     cfg = recipe.train
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.deterministic)
@@ -323,6 +332,12 @@ def _build_model(recipe, task, labels, device, init_from, log, n_train):
         _checkpointing(model, log)
     if recipe.train.compile:
         _compile(model, task, log)
+    elif recipe.train.fast_dropout and device.type == "cpu":
+        from .engine import fast_dropout
+
+        n = fast_dropout.install(model)
+        if n:
+            log(f"dropout: {n} dropout layers draw their masks with the fast CPU kernel (train.fast_dropout)")
     log(f"model: {m.name} ({loaded.info.family}, {loaded.info.modality}) loaded in {time.perf_counter() - t0:.1f}s; "
         f"strategy {strategy.name}: {describe_trainable(model)}")
     adapted = getattr(strategy, "adapted", [])

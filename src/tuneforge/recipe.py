@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -152,6 +152,8 @@ class TrainSection(_Section):
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="Image models: keep weights and images in channels-last (NHWC) memory layout. auto = on for CUDA (faster convolutions with bf16/fp16 tensor cores), off on CPU (measured no faster there: PERFORMANCE.md).")
     gradient_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward pass instead of keeping them: much less memory for long texts and big models, about a third more compute. Hugging Face and timm backbones.")
     flush_denormal: bool = Field(True, description="CPU: flush subnormal floats (magnitude below 1.2e-38 in fp32) to zero while training and evaluating, in every intra-op thread, and restore the previous setting afterwards. x86 computes subnormals slowly, and real images drive convolutional backward passes into them (a bare EfficientNet step measured 15-25% faster with flushing on a quiet machine, not yet reproduced on a busy one: PERFORMANCE.md); the values flushed are far below what changes a result. No effect on GPUs.")
+    threads: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field("auto", description="CPU: intra-op threads for this run. auto = torch's default (one per core) unless other processes keep cores busy when the run starts, then only the free cores (measured for 0.25 s from /proc; threads waiting for a descheduled peer made training 10-17x slower on a shared 2-core machine: PERFORMANCE.md); OMP_NUM_THREADS / MKL_NUM_THREADS in the environment are respected. A number sets it. The count used is in the manifest (torch_threads); the previous setting is restored when the run ends.")
+    fast_dropout: bool = Field(True, description="CPU: draw dropout masks with tuneforge's own kernel (64 random bits from torch's generator serve four elements) instead of one Bernoulli draw per element: 3-4x faster per dropout, which was 10% of a MiniLM training step (PERFORMANCE.md). Same distribution (drop probability to 1/32768, expectation kept exactly), same seeded generator, so runs stay reproducible and resumable; a different random stream from torch's dropout, so results differ from a run with it off as they would with another seed. GPUs and torch.compile keep torch's dropout.")
     compile: bool = Field(False, description="torch.compile the backbone (in place; saved weights keep their names). Opt-in: compiling takes tens of seconds to minutes, which only pays off on long runs; text batches of varying length compile with dynamic shapes.")
     progress: bool = Field(True, description="Show progress bars.")
 

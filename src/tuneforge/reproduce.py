@@ -111,6 +111,8 @@ def reproduce(run_dir, *, output: str | None = None, console=None) -> dict:
     config = _absolute(config, manifest)
     out = Path(output) if output else run_dir.with_name(f"{run_dir.name}-repro-{datetime.now():%Y%m%d-%H%M%S}")
     config["output"]["dir"] = str(out)
+    if threads:  # the recorded count, not whatever train.threads: auto would pick on this machine now
+        config.setdefault("train", {})["threads"] = threads
     init_from = manifest.get("init_from")  # a warm start repeats from the same weights
     if init_from and not Path(init_from).is_absolute():
         init_from = str(Path(manifest.get("cwd", ".")) / init_from)

@@ -182,6 +182,13 @@ def _finetune(recipe: Recipe, origin: str | None, console, log, *, argv, overwri
     # 2. the model, also before anything is written: a wrong weights path or model
     # directory costs nothing and leaves no half-made run behind
     model, loaded, strategy, decision = _build_model(recipe, task, labels, device, init_from, log, len(splits["train"]))
+    if cfg.precision == "auto" and device.type == "cpu" and amp_dtype is not None:
+        from .engine.precision import has_depthwise_conv
+
+        if has_depthwise_conv(model):
+            amp_dtype = None
+            log("precision: fp32 (auto): this model's depthwise convolutions train slower in bf16 than in fp32 on "
+                "CPU; train.precision: bf16 forces bf16")
 
     # 3. the run directory: a new one, or the run being resumed
     checkpoint = None

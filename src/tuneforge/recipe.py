@@ -97,7 +97,7 @@ class DataSection(_Section):
     crop_scale: tuple[float, float] = Field((0.6, 1.0), description="Area range of the random resized crop when augmenting.")
     on_bad_record: Literal["error", "skip"] = Field("error", description="A malformed row, empty field or unreadable image: stop with an error, or skip it and report.")
     max_image_pixels: int = Field(100_000_000, ge=1, description="Largest image (width x height) accepted; bigger files are refused as possible decompression bombs.")
-    num_workers: Optional[int] = Field(None, ge=0, description="Data-loader worker processes; default 0 for text (pre-tokenised), 1 for images.")
+    num_workers: Optional[int] = Field(None, ge=0, description="Data-loader worker processes; default 0 for text (pre-tokenised); for images 1 when training on a GPU, 0 on CPU, where the training threads already use every core and a worker slows them (PERFORMANCE.md).")
 
     def column(self, split: str, role: str) -> str:
         override = self.columns.get(split)  # type: ignore[call-overload]
@@ -137,7 +137,7 @@ class TrainSection(_Section):
     warmup: float = Field(0.06, ge=0, description="Warmup: a fraction of total steps if < 1, else a number of steps.")
     on_nonfinite: Literal["error", "skip"] = Field("error", description="A NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip that batch and count it.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm; null disables clipping.")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 autocast where the CPU/GPU runs it natively, else fp32.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 autocast where the CPU/GPU runs it natively, else fp32; on CPU, fp32 for models with depthwise convolutions (EfficientNet, MobileNet, ConvNeXt), whose bf16 training steps measured 1.1-2.2x slower than fp32 there (PERFORMANCE.md).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     seed: int = Field(42, description="Seeds Python, NumPy and torch (data order, splits, init, dropout).")
     deterministic: bool = Field(False, description="Use deterministic algorithms (slower; bit-exact repeat runs).")

@@ -62,3 +62,45 @@ def test_compiled_backbone_gives_the_eager_results(tiny_bert_dir, tmp_path):
     assert eager["accuracy"] == run.metrics["validation"]["accuracy"]
     saved = load_file(str(run.path / "model" / "backbone" / "model.safetensors"))
     assert not any("_orig_mod" in k for k in saved)  # compiled in place: names unchanged
+
+
+def test_depthwise_convolutions_are_detected():
+    from torch import nn
+
+    from tuneforge.engine.precision import has_depthwise_conv
+
+    assert has_depthwise_conv(nn.Sequential(nn.Conv2d(8, 8, 3, groups=8)))
+    assert not has_depthwise_conv(nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3, groups=4), nn.Linear(4, 4)))
+    assert not has_depthwise_conv(nn.Sequential(nn.Conv2d(1, 1, 3, groups=1)))  # one channel: an ordinary conv
+
+
+@pytest.mark.parametrize("precision,expected", [("auto", "fp32"), ("bf16", "bf16")])
+def test_auto_precision_keeps_depthwise_cnns_in_fp32_on_cpu(precision, expected, tiny_timm_weights, tmp_path,
+                                                            monkeypatch, capsys):
+    from tuneforge.engine import precision as prec
+
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)  # as on an AVX-512 BF16 / AMX CPU
+    train = write_image_folder(tmp_path / "images", n_per_class=4)
+    run = finetune(image_recipe(tiny_timm_weights, train, tmp_path / "run",
+                                train={"epochs": 1, "precision": precision}))
+    assert json.loads((run.path / "manifest.json").read_text())["precision"] == expected
+    assert ("depthwise convolutions train slower in bf16" in capsys.readouterr().err) == (precision == "auto")
+
+
+def test_auto_precision_still_picks_bf16_for_a_text_model(tiny_bert_dir, tmp_path, monkeypatch):
+    from tuneforge.engine import precision as prec
+
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
+    train = write_text_csv(tmp_path / "train.csv", n=16)
+    run = finetune(text_recipe(tiny_bert_dir, train, tmp_path / "run", train={"epochs": 1, "precision": "auto"}))
+    assert json.loads((run.path / "manifest.json").read_text())["precision"] == "bf16"
+
+
+def test_image_loading_stays_in_the_main_process_on_cpu(monkeypatch):
+    from tuneforge.tasks.image_classification import default_workers
+
+    assert default_workers("cpu") == 0
+    assert default_workers("auto") == (1 if torch.cuda.is_available() and (__import__("os").cpu_count() or 1) >= 2 else 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert default_workers("cuda") == 1  # a GPU computes while one worker prepares the next batch

@@ -16,6 +16,19 @@ from ..data.batching import EpochBatchSampler
 from .base import ClassificationTask, LabelMap
 
 
+
+def default_workers(device: str) -> int:
+    """Image-loading worker processes when ``data.num_workers`` is not set.
+
+    On a GPU one worker decodes and augments the next batch while the GPU computes. On
+    CPU the training threads already hold every core: a worker preempts one of them and the
+    rest of the OpenMP team waits, so loading runs in the main process (EfficientNet-Lite0 on
+    2 cores: 63-66 images/s without a worker, 49-61 with one; PERFORMANCE.md).
+    """
+    from ..engine.precision import resolve_device
+
+    return 1 if resolve_device(device).type == "cuda" and (os.cpu_count() or 1) >= 2 else 0
+
 class ImageClassification(ClassificationTask):
     modality = "image"
 
@@ -66,9 +79,7 @@ class ImageClassification(ClassificationTask):
             dataset = SeededItems(dataset, seed)
         workers = self.recipe.data.num_workers
         if workers is None:
-            # One decoding worker overlaps JPEG/PNG decoding with compute; more would
-            # steal cores from the matmuls on small machines.
-            workers = 1 if (os.cpu_count() or 1) >= 2 else 0
+            workers = default_workers(self.recipe.train.device)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                           collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
                           worker_init_fn=_leave_signals_to_the_main_process if workers else None)

@@ -5,8 +5,9 @@ machine whose speed drifts (a VM) affects both sides alike.
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dropout_step.py [--length 26] [--rounds 16]
 
 The step is what a tuneforge ``full`` text step does: bf16 autocast forward of the packaged
-MiniLM (all 20 ``nn.Dropout`` modules, p = 0.1; the 6 attention-probability dropouts run inside
-SDPA and stay torch's either way), mean pooling, a dropout + linear head, cross-entropy,
+MiniLM (its 14 hidden-state ``nn.Dropout`` modules and the 6 attention-probability dropouts,
+p = 0.1: torch's side runs them in ``nn.Dropout`` and inside SDPA, the fast side with
+``FastDropout`` and ``fast_dropout.attention_forward``), mean pooling, a dropout + linear head, cross-entropy,
 backward, gradient clipping at 1.0, fused AdamW. Random token ids, batch 32 x ``--length``.
 Prints the median and best step time of each side; ``--profile`` also prints a torch.profiler
 table of 10 steps with FastDropout (PERFORMANCE.md's "where the time goes").
@@ -55,6 +56,7 @@ def main() -> None:
     model.train()
     head.train()
     dropouts = [m for m in list(model.modules()) + list(head.modules()) if isinstance(m, torch.nn.Dropout)]
+    fast_dropout.install_attention(model)  # registers the attention function; toggled below
     times = {"torch": [], "fast": []}
     for _ in range(3):
         step()
@@ -62,6 +64,7 @@ def main() -> None:
         for name in (("torch", "fast") if r % 2 else ("fast", "torch")):
             for m in dropouts:
                 m.__class__ = fast_dropout.FastDropout if name == "fast" else torch.nn.Dropout
+            model.config._attn_implementation = fast_dropout.ATTENTION if name == "fast" else "sdpa"
             for _ in range(3):
                 t0 = time.perf_counter()
                 step()
@@ -76,6 +79,7 @@ def main() -> None:
 
         for m in dropouts:
             m.__class__ = fast_dropout.FastDropout
+        model.config._attn_implementation = fast_dropout.ATTENTION
         with profile(activities=[ProfilerActivity.CPU]) as p:
             for _ in range(10):
                 step()

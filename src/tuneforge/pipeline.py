@@ -343,8 +343,10 @@ def _build_model(recipe, task, labels, device, init_from, log, n_train):
         from .engine import fast_dropout
 
         n = fast_dropout.install(model)
+        attention = fast_dropout.install_attention(model)
         if n:
-            log(f"dropout: {n} dropout layers draw their masks with the fast CPU kernel (train.fast_dropout)")
+            log(f"dropout: {n} dropout layers" + (" and the attention probabilities" if attention else "")
+                + " draw their masks with the fast CPU kernel (train.fast_dropout)")
     log(f"model: {m.name} ({loaded.info.family}, {loaded.info.modality}) loaded in {time.perf_counter() - t0:.1f}s; "
         f"strategy {strategy.name}: {describe_trainable(model)}")
     adapted = getattr(strategy, "adapted", [])

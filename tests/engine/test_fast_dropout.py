@@ -96,3 +96,80 @@ def test_a_run_with_it_is_reproducible_and_differs_by_seed(tiny_bert_dir, tmp_pa
     assert weights["a"].keys() == weights["b"].keys()
     assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])  # same seed: same weights
     assert any(not torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+
+
+# -- attention-probability dropout -----------------------------------------------------------
+
+def _qkv(heads=4, kv_heads=4, q_len=7, dim=8, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, dim, generator=g)
+    k = torch.randn(batch, kv_heads, q_len, dim, generator=g)
+    v = torch.randn(batch, kv_heads, q_len, dim, generator=g)
+    return q, k, v
+
+
+class _Attn(nn.Module):
+    def __init__(self, causal: bool, groups: int = 1):
+        super().__init__()
+        self.is_causal, self.num_key_value_groups = causal, groups
+
+
+def _masks(batch=3, q_len=7):
+    lengths = torch.tensor([7, 5, 2])
+    keep = torch.arange(q_len)[None, :] < lengths[:, None]  # padding on the right
+    bool_mask = keep[:, None, None, :].expand(batch, 1, q_len, q_len)
+    float_mask = torch.zeros(batch, 1, q_len, q_len).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    return {"none": None, "bool": bool_mask, "float": float_mask}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_attention_without_its_dropout_equals_sdpa(causal, mask, groups, monkeypatch):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v = _qkv(kv_heads=4 // groups)
+    module, attention_mask = _Attn(causal, groups), _masks()[mask]
+    monkeypatch.setattr(fast_dropout, "fast_dropout", lambda x, p: x)  # the same math with the mask left out
+    ours, _ = fast_dropout.attention_forward(module, q, k, v, attention_mask, dropout=0.1)
+    ref, _ = sdpa_attention_forward(module, q, k, v, attention_mask, dropout=0.0)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_is_the_fast_mask_on_the_probabilities():
+    q, k, v = _qkv()
+    module, attention_mask = _Attn(False), _masks()["bool"]
+    torch.manual_seed(5)
+    ours, _ = fast_dropout.attention_forward(module, q, k, v, attention_mask, dropout=0.25)
+    torch.manual_seed(5)
+    probs = torch.softmax((q @ k.transpose(-2, -1) / 8 ** 0.5).masked_fill(~attention_mask, torch.finfo(torch.float32).min), -1)
+    keep, scale = keep_mask(probs.shape, 0.25)
+    expected = ((probs * keep * scale) @ v).transpose(1, 2)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_installs_on_training_only_and_is_not_saved(tiny_bert_dir, tmp_path, monkeypatch):
+    import json
+
+    from transformers import AutoModel
+
+    calls = []
+    real = fast_dropout.fast_dropout
+    monkeypatch.setattr(fast_dropout, "fast_dropout", lambda x, p: calls.append(x.dim()) or real(x, p))
+    model = AutoModel.from_pretrained(tiny_bert_dir, attn_implementation="sdpa")
+    reference = AutoModel.from_pretrained(tiny_bert_dir, attn_implementation="sdpa").eval()
+    assert fast_dropout.install_attention(model) == 1
+    assert model.config._attn_implementation == fast_dropout.ATTENTION
+    ids = torch.randint(5, model.config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    model.train()
+    model(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
+    assert 4 in calls  # (batch, heads, q, k): the attention probabilities went through the fast mask
+    model.eval()
+    with torch.no_grad():  # evaluation: exactly transformers' SDPA
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                           reference(input_ids=ids, attention_mask=mask).last_hidden_state)
+    model.save_pretrained(tmp_path / "saved")
+    assert fast_dropout.ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["model_type"] == "bert"

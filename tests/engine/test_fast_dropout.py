@@ -173,3 +173,8 @@ def test_attention_installs_on_training_only_and_is_not_saved(tiny_bert_dir, tmp
     model.save_pretrained(tmp_path / "saved")
     assert fast_dropout.ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["model_type"] == "bert"
+
+
+def test_a_rate_next_to_one_falls_back_to_torch():
+    y = FastDropout(0.99999).train()(torch.ones(1000))
+    assert torch.isfinite(y).all() and float((y == 0).float().mean()) > 0.99

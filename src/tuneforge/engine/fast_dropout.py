@@ -64,6 +64,8 @@ def keep_mask(shape, p: float, generator: torch.Generator | None = None) -> tupl
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """``F.dropout(x, p, training=True)`` for a CPU tensor, with the faster mask."""
+    if round(p * (1 << _BITS)) >= 1 << _BITS:  # p within 1/65536 of 1: everything dropped, no finite scale
+        return torch.nn.functional.dropout(x, p, training=True)
     keep, scale = keep_mask(x.shape, p)
     return _MaskedScale.apply(x, keep, scale)
 

@@ -60,6 +60,15 @@ def tuneforge_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "tuneforge"]
 
 
+def choices(value: str, known, what: str) -> list[str]:
+    """A comma-separated option as a list, every item checked against ``known``."""
+    items = split_list(value)
+    for item in items:
+        if item not in known:
+            raise SystemExit(f"unknown {what} '{item}'; use {', '.join(known)}")
+    return items
+
+
 def stamp() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 

@@ -57,13 +57,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     train, dev = common.sst2_paths(args.data)
-    strategies, contenders = common.split_list(args.strategies), common.split_list(args.contenders)
-    for s in strategies:
-        if s not in STRATEGIES:
-            raise SystemExit(f"unknown strategy '{s}'; use {', '.join(STRATEGIES)}")
-    for c in contenders:
-        if c not in CONTENDERS:
-            raise SystemExit(f"unknown contender '{c}'; use {', '.join(CONTENDERS)}")
+    strategies = common.choices(args.strategies, STRATEGIES, "strategy")
+    contenders = common.choices(args.contenders, CONTENDERS, "contender")
     common.configure(args)
     when = common.stamp()
     work = common.Workdir("frozen", when, keep=args.keep_runs)

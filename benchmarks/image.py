@@ -93,14 +93,8 @@ def resolve_data(args, work: common.Workdir) -> tuple[Path, Path, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    contenders = common.split_list(args.contenders)
-    precisions = common.split_list(args.timm_precision)
-    for c in contenders:
-        if c not in ("tuneforge", "timm-loop"):
-            raise SystemExit(f"unknown contender '{c}'; use tuneforge, timm-loop")
-    for pr in precisions:
-        if pr not in ("fp32", "bf16"):
-            raise SystemExit(f"unknown --timm-precision '{pr}'; use fp32 and/or bf16")
+    contenders = common.choices(args.contenders, ("tuneforge", "timm-loop"), "contender")
+    precisions = common.choices(args.timm_precision, ("fp32", "bf16"), "--timm-precision")
     common.configure(args)
     when = common.stamp()
     work = common.Workdir("image", when, keep=args.keep_runs)

@@ -215,13 +215,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    strategies, contenders = common.split_list(args.strategies), common.split_list(args.contenders)
-    for s in strategies:
-        if s not in DEFAULT_LR:
-            raise SystemExit(f"unknown strategy '{s}'; use full and/or lora")
-    for c in contenders:
-        if c not in CONTENDERS:
-            raise SystemExit(f"unknown contender '{c}'; use {', '.join(CONTENDERS)}")
+    strategies = common.choices(args.strategies, DEFAULT_LR, "strategy")
+    contenders = common.choices(args.contenders, CONTENDERS, "contender")
     common.configure(args)
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every contender's process

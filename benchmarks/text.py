@@ -82,14 +82,8 @@ def hf_config(args, mode: str, strategy: str, lr: float, train: Path, dev: Path,
 def main(argv=None) -> int:
     args = parse_args(argv)
     train, dev = common.sst2_paths(args.data)
-    strategies = common.split_list(args.strategies)
-    contenders = common.split_list(args.contenders)
-    for s in strategies:
-        if s not in DEFAULT_LR:
-            raise SystemExit(f"unknown strategy '{s}'; use full and/or lora")
-    for c in contenders:
-        if c not in CONTENDERS:
-            raise SystemExit(f"unknown contender '{c}'; use {', '.join(CONTENDERS)}")
+    strategies = common.choices(args.strategies, DEFAULT_LR, "strategy")
+    contenders = common.choices(args.contenders, CONTENDERS, "contender")
     common.configure(args)
     when = common.stamp()
     work = common.Workdir("text", when, keep=args.keep_runs)

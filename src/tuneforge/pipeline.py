@@ -153,22 +153,23 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
     from .engine.precision import resolve_device
     from .engine.threads import intra_op_threads
 
-    with intra_op_threads(recipe.train.threads, resolve_device(recipe.train.device), log):
-        return _finetune(recipe, origin, console, log, argv=argv, overwrite=overwrite, resume=resume,
+    device = resolve_device(recipe.train.device)
+    with intra_op_threads(recipe.train.threads, device, log):
+        return _finetune(recipe, origin, device, console, log, argv=argv, overwrite=overwrite, resume=resume,
                          init_from=init_from)
 
 
-def _finetune(recipe: Recipe, origin: str | None, console, log, *, argv, overwrite, resume, init_from) -> Run:
+def _finetune(recipe: Recipe, origin: str | None, device, console, log, *, argv, overwrite, resume,
+              init_from) -> Run:
     from .data.records import file_fingerprint
     from .engine.checkpoint import newest_valid, recover
-    from .engine.precision import precision_name, resolve_device, resolve_precision
+    from .engine.precision import precision_name, resolve_precision
     from .resume import check_same_run, find_run_to_resume
     from .tasks import get_task
 
     cfg = recipe.train
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.deterministic)
-    device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
 
     # 1. data, read and checked before anything is written or loaded

@@ -23,6 +23,8 @@ weights, so nothing in a state dict changes. ``train.fast_dropout: false`` turns
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -50,9 +52,7 @@ class _MaskedScale(torch.autograd.Function):
 def keep_mask(shape, p: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
     """A 0/1 int16 keep-mask of ``shape`` (CPU) and the scale that keeps the expectation."""
     threshold = round(p * (1 << _BITS))
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(generator=generator)
     chunks = words.view(torch.int16)[:n]
     # u = 15 random bits in [0, 32768); (u - threshold) >> 15 is -1 below the threshold and

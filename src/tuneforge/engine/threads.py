@@ -41,7 +41,8 @@ def other_busy_cores(seconds: float = 0.25) -> float | None:
     """Cores kept busy by other processes over ``seconds``; None where /proc cannot say (not
     Linux, or a CPU set smaller than the machine's, where the machine-wide figure misleads)."""
     try:
-        n_cpus = sum(1 for line in open("/proc/stat") if line.startswith("cpu") and line[3].isdigit())
+        with open("/proc/stat") as f:
+            n_cpus = sum(1 for line in f if line.startswith("cpu") and line[3].isdigit())
         if n_cpus != len(os.sched_getaffinity(0)):
             return None
         busy0, total0, own0 = _cpu_ticks()
@@ -67,8 +68,9 @@ def intra_op_threads(setting, device, log):
             chosen = int(setting)
         elif before > 1 and not (os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS")):
             busy = other_busy_cores()
-            if busy is not None and choose(before, busy) < before:
-                chosen = choose(before, busy)
+            free = choose(before, busy) if busy is not None else before
+            if free < before:
+                chosen = free
                 log(f"threads: {chosen} of {before}: other processes keep {busy:.1f} cores busy, and threads that "
                     "wait for a descheduled peer make training several times slower (train.threads sets the count)")
     if chosen is not None and chosen != before:

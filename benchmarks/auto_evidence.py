@@ -104,7 +104,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console
 
-    from tuneforge.compare import compare
+    from tuneforge.workflows.compare import compare
     from tuneforge.data.digits import materialise_digits
 
     text = text_sets(Path(args.sst2).resolve(), args.big) if args.only in (None, "text") else []

@@ -129,7 +129,7 @@ def evaluate(run_dir: Path, test: list[dict]) -> dict:
     alike: a run trained with ``train_on: all`` reports a validation loss over prompts too)."""
     import torch
 
-    from tuneforge.llm.generation import Generator
+    from tuneforge.deploy.generator import Generator
     from tuneforge.tasks.causal_lm import core_model
 
     gen = Generator(run_dir)

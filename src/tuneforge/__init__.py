@@ -22,7 +22,7 @@ def finetune(recipe, *, overrides=None, console=None, resume=None, init_from=Non
     ``resume``: a run directory (or "auto") to continue exactly from its newest valid checkpoint;
     ``init_from``: a run directory whose final weights start this new run (warm start).
     """
-    from .pipeline import finetune as _finetune
+    from .run.finetune import finetune as _finetune
 
     return _finetune(recipe, overrides=overrides, console=console, resume=resume, init_from=init_from)
 
@@ -30,7 +30,7 @@ def finetune(recipe, *, overrides=None, console=None, resume=None, init_from=Non
 def compare(recipe, strategies, *, overrides=None, output=None, isolate=True, console=None):
     """Run a recipe under each strategy (list or "full,lora,..."); returns a Comparison (.rows, .path,
     .table()) and writes compare.csv / compare.md in its directory."""
-    from .compare import compare as _compare
+    from .workflows.compare import compare as _compare
 
     return _compare(recipe, strategies, overrides=overrides, output=output, isolate=isolate, console=console)
 
@@ -38,7 +38,7 @@ def compare(recipe, strategies, *, overrides=None, output=None, isolate=True, co
 def load(path, device: str = "cpu"):
     """Load a run (or its model/ directory) as a Predictor with .predict(inputs); a
     ``tuneforge cv`` directory loads as the average of its fold models."""
-    from .saving import open_predictor
+    from .deploy.predictor import open_predictor
 
     return open_predictor(path, device=device)
 

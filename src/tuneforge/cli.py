@@ -18,7 +18,7 @@ def _console():
 
 
 def cmd_train(args) -> int:
-    from .pipeline import finetune
+    from .run.finetune import finetune
 
     overrides = list(args.set or [])
     if args.output:
@@ -97,7 +97,7 @@ def cmd_models(args) -> int:
 
 def cmd_predict(args) -> int:
     if args.file:
-        from .predict import predict_file
+        from .deploy.predict import predict_file
 
         console = _console()
         counts = predict_file(args.run_dir, args.file, args.out, column=args.column, id_column=args.id_column,
@@ -106,7 +106,7 @@ def cmd_predict(args) -> int:
         console.print(f"predicted {counts['predicted']}, errors {counts['errors']}, malformed rows skipped "
                       f"{counts['skipped_rows']}" + (f" -> {args.out}" if args.out else ""))
         return 0 if counts["predicted"] or not (counts["errors"] or counts["skipped_rows"]) else 1
-    from .saving import open_predictor
+    from .deploy.predictor import open_predictor
 
     inputs = list(args.inputs or [])
     if not inputs:
@@ -123,7 +123,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_run
+    from .deploy.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run_dir, args.data, text_column=args.text_column, label_column=args.label_column)
     print(json.dumps(metrics, indent=2))
@@ -131,7 +131,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, print_table
+    from .workflows.compare import compare, print_table
 
     console = _console()
     result = compare(args.recipe, args.strategies, overrides=args.set, output=args.output,
@@ -146,7 +146,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_cv(args) -> int:
-    from .cv import cross_validate, render
+    from .workflows.cv import cross_validate, render
 
     summary = cross_validate(args.recipe, folds=args.folds, group_column=args.group_column, overrides=args.set,
                              output=args.output, console=_console())
@@ -165,7 +165,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
+    from .deploy.export import export_run
 
     console = _console()
     report = export_run(args.run_dir, args.format, args.out, quantize=args.quantize, samples=args.samples,
@@ -186,7 +186,7 @@ def _adapters(specs: list[str] | None) -> dict[str, str]:
 
 
 def cmd_serve(args) -> int:
-    from .serve import ServeConfig, load_api_keys, serve
+    from .deploy.serve import ServeConfig, load_api_keys, serve
 
     cfg = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, batching=not args.no_batching,
                       max_items=args.max_items, max_text_chars=args.max_text_chars,
@@ -200,7 +200,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .reproduce import render, reproduce
+    from .workflows.reproduce import render, reproduce
 
     result = reproduce(args.run_dir, output=args.output, console=_console())
     print(render(result))
@@ -208,7 +208,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .llm.generation import Generator
+    from .deploy.generator import Generator
 
     prompts = list(args.prompt or [])
     if args.file:
@@ -225,7 +225,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .llm.generation import Generator
+    from .deploy.generator import Generator
 
     gen = Generator(args.run_dir, device=args.device)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -270,7 +270,7 @@ def cmd_make_tiny_lm(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .workflows.demo import run_demo
 
     run = run_demo(data_dir=args.data_dir, output=args.output, extra=args.set or [], console=_console())
     _print_final(run.metrics)
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except TuneforgeError as err:
-        from .pipeline import RunInterrupted
+        from .run.finetune import RunInterrupted
 
         if isinstance(err, RunInterrupted):
             print(str(err), file=sys.stderr)

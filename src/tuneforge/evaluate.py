@@ -1,32 +1,6 @@
-"""`tuneforge eval`: a saved model on new labelled data, metrics streamed."""
+"""Deprecated import path: ``tuneforge.evaluate`` moved to ``tuneforge.deploy.evaluate`` in 0.2 (see CHANGELOG.md);
+this re-export goes away in 0.3."""
 
-from __future__ import annotations
+from ._compat import forward as _forward
 
-from pathlib import Path
-
-from .errors import TuneforgeError
-
-
-def evaluate_run(run_dir, data: str, *, text_column: str | None = None, label_column: str | None = None,
-                 batch_size: int = 64) -> dict:
-    import torch
-
-    from .engine.trainer import evaluate_loader
-    from .saving import load_model_dir
-
-    if not Path(data).exists():
-        raise TuneforgeError(f"--data path '{data}' does not exist")
-    model, task, labels, meta = load_model_dir(Path(run_dir))
-    task.recipe.data.id_column = None  # a new evaluation file need not carry the training ids
-    if text_column:
-        task.recipe.data.text_column = text_column
-    if label_column:
-        task.recipe.data.label_column = label_column
-    skipped: list = []
-    records = task.read("test", data, limit=None, skipped=skipped)
-    loader = task.loader(task.dataset(records, labels, "test"), batch_size, train=False, seed=0)
-    metrics = evaluate_loader(model, task, loader, task.metrics(labels), torch.device("cpu"))
-    metrics["data"] = str(data)
-    if labels.names:
-        metrics["labels"] = labels.names
-    return metrics
+__getattr__ = _forward(__name__, ('tuneforge.deploy.evaluate',))

@@ -10,7 +10,7 @@ import pytest
 from helpers import image_recipe, text_recipe, write_image_folder, write_text_csv
 from tuneforge import TuneforgeError, finetune, load
 from tuneforge.cli import main
-from tuneforge.predict import predict_file
+from tuneforge.deploy.predict import predict_file
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from helpers import image_recipe, text_recipe, write_image_folder, write_text_csv
 from tuneforge import finetune, load
-from tuneforge.serve import ServeConfig, create_app
+from tuneforge.deploy.serve import ServeConfig, create_app
 
 TEXTS = ["good fun film", "bad", "a dull and bad and boring long film", "good good good", "film", "bad acting"]
 

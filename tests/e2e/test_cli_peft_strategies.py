@@ -38,7 +38,7 @@ def _in_process_probs(run, inputs):
     from tuneforge.engine.checkpoint import load_checkpoint_weights
     from tuneforge.models import load_model
     from tuneforge.recipe import load_recipe
-    from tuneforge.saving import Predictor
+    from tuneforge.deploy.predictor import Predictor
     from tuneforge.strategies import get_strategy
     from tuneforge.tasks import LabelMap, get_task
 

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_digits_reaches_high_accuracy(tmp_path):
-    from tuneforge.demo import run_demo
+    from tuneforge.workflows.demo import run_demo
 
     run = run_demo(data_dir=str(tmp_path / "data"), output=str(tmp_path / "run"),
                    extra=["train.epochs=2", "train.progress=false"])

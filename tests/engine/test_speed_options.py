@@ -55,7 +55,7 @@ def test_compiled_backbone_gives_the_eager_results(tiny_bert_dir, tmp_path):
                                train={"epochs": 2, "compile": True}))
     losses = _losses(run)
     assert losses and all(math.isfinite(x) for x in losses)
-    from tuneforge.evaluate import evaluate_run
+    from tuneforge.deploy.evaluate import evaluate_run
 
     eager = evaluate_run(run.path, str(val))  # the saved weights, loaded without compile
     assert eager["loss"] == pytest.approx(run.metrics["validation"]["loss"], rel=1e-4)

@@ -10,7 +10,7 @@ import yaml
 
 from helpers import text_recipe, write_text_csv
 from tuneforge.cli import main
-from tuneforge.cv import cross_validate
+from tuneforge.workflows.cv import cross_validate
 from tuneforge.errors import TuneforgeError
 
 

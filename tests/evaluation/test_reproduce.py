@@ -46,7 +46,7 @@ def test_reproduce_fp32_deterministic_is_identical(fp32_run, tmp_path, capsys):
 
 
 def test_reproduce_bf16_states_tolerance_and_why(tiny_bert_dir, tmp_path):
-    from tuneforge.reproduce import reproduce
+    from tuneforge.workflows.reproduce import reproduce
 
     train = write_text_csv(tmp_path / "train.csv", n=40)
     run = tuneforge.finetune(text_recipe(tiny_bert_dir, train, tmp_path / "run", "full",
@@ -61,7 +61,7 @@ def test_reproduce_bf16_states_tolerance_and_why(tiny_bert_dir, tmp_path):
 
 
 def test_reproduce_reports_changed_data(fp32_run, tmp_path):
-    from tuneforge.provenance import data_changes
+    from tuneforge.run.provenance import data_changes
 
     manifest = json.loads((fp32_run.path / "manifest.json").read_text())
     manifest["data"]["train"]["sha256"] = "0" * 64

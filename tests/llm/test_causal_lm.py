@@ -151,7 +151,7 @@ def _recipe(lm_dir, tmp_path, strategy="full", **task):
 
 @pytest.mark.parametrize("family,strategy", [("llama", "full"), ("llama", "lora"), ("gpt2", "lora")])
 def test_sft_learns_and_the_saved_run_generates_the_same(lm_dirs, tmp_path, family, strategy):
-    from tuneforge.llm.generation import Generator
+    from tuneforge.deploy.generator import Generator
 
     run = finetune(_recipe(lm_dirs(family), tmp_path, strategy))
     evals = [e["loss"] for e in run.history]
@@ -204,7 +204,7 @@ def test_shipped_sft_recipes_run(name, tmp_path, monkeypatch):
 
 def test_gradient_checkpointing_gives_the_same_gradients(lm_dir):
     from tuneforge.models import load_model
-    from tuneforge.pipeline import _checkpointing
+    from tuneforge.run.finetune import _checkpointing
     from tuneforge.tasks.causal_lm import CausalLM
 
     grads = []
@@ -226,7 +226,7 @@ def test_generate_and_chat_commands(lm_dirs, tmp_path, monkeypatch, capsys):
     import io
 
     from tuneforge.cli import main
-    from tuneforge.llm.generation import Generator
+    from tuneforge.deploy.generator import Generator
 
     recipe = _recipe(lm_dirs("llama"), tmp_path, "full", format="chat")
     chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
@@ -251,8 +251,8 @@ def test_generate_and_chat_commands(lm_dirs, tmp_path, monkeypatch, capsys):
 def test_lora_run_exports_as_a_merged_hf_causal_lm(lm_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.export import export_run
-    from tuneforge.llm.generation import Generator
+    from tuneforge.deploy.export import export_run
+    from tuneforge.deploy.generator import Generator
 
     recipe = _recipe(lm_dirs("llama"), tmp_path, "lora")
     recipe["train"]["max_steps"] = 3
@@ -285,8 +285,8 @@ def test_qlora_needs_lora_and_says_what_it_needs_on_cpu(lm_dirs, tmp_path):
 
 
 def test_predict_on_a_causal_lm_run_points_at_generate(lm_dirs, tmp_path):
-    from tuneforge.evaluate import evaluate_run
-    from tuneforge.saving import Predictor
+    from tuneforge.deploy.evaluate import evaluate_run
+    from tuneforge.deploy.predictor import Predictor
 
     recipe = _recipe(lm_dirs("gpt2"), tmp_path, "bitfit")
     recipe["train"]["max_steps"] = 2

@@ -76,8 +76,8 @@ def test_untrained_scores_are_the_lms_own_log_probs(tmp_path, family, words):
 
 @pytest.mark.parametrize("strategy", ["full", "lora"])
 def test_label_words_learns_and_the_saved_run_predicts_the_same(lm_dir, tmp_path, strategy):
-    from tuneforge.evaluate import evaluate_run
-    from tuneforge.export import export_run
+    from tuneforge.deploy.evaluate import evaluate_run
+    from tuneforge.deploy.export import export_run
 
     train = write_text_csv(tmp_path / "train.csv", n=40, labels=("good", "bad"))
     val = write_text_csv(tmp_path / "val.csv", n=32, seed=5, labels=("good", "bad"))

@@ -99,7 +99,7 @@ def test_dpo_loss_falls_and_reward_accuracy_rises(tiny, tmp_path):
     settings = json.loads((run.path / "manifest.json").read_text())["task_settings"]
     assert settings["reference"]["reused"] is False and settings["loss"] == "dpo"
     # the saved model loads as a generator, as a causal-lm run does
-    from tuneforge.llm.generation import Generator
+    from tuneforge.deploy.generator import Generator
 
     gen = Generator(run.path)
     assert isinstance(gen.task, PreferenceTask) and gen.task.template_name == "none"
@@ -107,7 +107,7 @@ def test_dpo_loss_falls_and_reward_accuracy_rises(tiny, tmp_path):
 
 
 def test_simpo_learns_without_a_reference(tiny, tmp_path):
-    from tuneforge.evaluate import evaluate_run
+    from tuneforge.deploy.evaluate import evaluate_run
 
     run = finetune(_recipe(tiny, tmp_path / "run", "full", task={"loss": "simpo", "beta": 2.0}))
     evals = _evals(run.path)
@@ -121,8 +121,8 @@ def test_simpo_learns_without_a_reference(tiny, tmp_path):
 
 
 def test_lora_reference_is_the_base_model_sharing_its_weights(tiny, tmp_path):
-    from tuneforge.evaluate import evaluate_run
-    from tuneforge.saving import load_model_dir
+    from tuneforge.deploy.evaluate import evaluate_run
+    from tuneforge.run.artifact import load_model_dir
 
     run = finetune(_recipe(tiny, tmp_path / "run", "lora", train={"lr": 1e-2}))
     base = hf_reply_logps(tiny["model"], _pairs(tiny["validation"]))

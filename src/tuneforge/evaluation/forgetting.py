@@ -82,7 +82,7 @@ class RetainMonitor(Callback):
         self.history: list[dict] = []
 
     def _load_head(self, run_dir: str, raw_labels) -> None:
-        from ..saving import load_model_dir
+        from ..run.artifact import load_model_dir
 
         if raw_labels is None:
             raise TuneforgeError("retain.head_from needs labelled retain data: set retain.label_column")

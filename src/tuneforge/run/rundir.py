@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import TuneforgeError
+from ..errors import TuneforgeError
 
 RUN_MARKER = "manifest.json"
 _PACKAGES = ("tuneforge", "torch", "torchvision", "transformers", "peft", "timm", "safetensors",

@@ -1,0 +1,120 @@
+"""Batch prediction: `tuneforge predict RUN_DIR --file in.csv|in.jsonl|image_dir --out preds.jsonl`.
+
+Inputs go through the model in batches and every batch's results are written (and
+flushed) before the next is read, so a crash, a Ctrl-C or a bad record never costs the
+predictions already made. A bad record (an unreadable image, a malformed row) becomes an
+``{"id", "error"}`` line and prediction goes on; with ``on_error="stop"`` it stops there,
+keeping everything written before it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..errors import TuneforgeError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _items(predictor, source: str, column: str | None, id_column: str | None, skipped: list) -> tuple[list, int]:
+    """(id, input) pairs; an image folder is listed, a table read with the hardened reader."""
+    path = Path(source)
+    if not path.exists():
+        raise TuneforgeError(f"--file {source} does not exist")
+    if predictor.meta["modality"] == "image" and path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise TuneforgeError(f"{source} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return [(str(p), str(p)) for p in files], len(files)
+    from ..data.records import read_records
+
+    column = column or ("text" if predictor.meta["modality"] == "text" else "image")
+    columns = {"input": column}
+    if id_column:
+        columns["id"] = id_column
+    records = read_records(source, columns=columns, hints={"input": "--column", "id": "--id-column"},
+                           on_bad_record="skip", skipped=skipped, unique=("id",) if id_column else ())
+    base = path.parent
+    out = []
+    for r in records:
+        value = r.values["input"]
+        if predictor.meta["modality"] == "image" and isinstance(value, str) and not Path(value).is_absolute():
+            value = str(base / value)  # manifest paths are relative to the manifest
+        out.append((r.values.get("id", r.where), value))
+    return out, len(out)
+
+
+def _encode(predictor, batch: list) -> tuple[dict | None, list, list]:
+    """Encode a batch; inputs that fail on their own are returned as (id, error) and left out."""
+    try:
+        return predictor.task.encode_inputs([x for _, x in batch]), batch, []
+    except TuneforgeError:
+        pass
+    good, bad, encoded = [], [], []
+    for item in batch:  # find the culprit(s): encode one by one
+        try:
+            encoded.append(predictor.task.encode_inputs([item[1]]))
+            good.append(item)
+        except TuneforgeError as err:
+            bad.append((item[0], str(err)))
+    if not good:
+        return None, [], bad
+    keys = encoded[0].keys()
+    if predictor.meta["modality"] == "text":
+        return predictor.task.encode_inputs([x for _, x in good]), good, bad
+    return {k: torch.cat([e[k] for e in encoded]) for k in keys}, good, bad
+
+
+def predict_file(run_dir, source: str, out: str | None, *, column: str | None = None, id_column: str | None = None,
+                 batch_size: int = 64, on_error: str = "continue", progress: bool = True, console=None) -> dict:
+    from .predictor import open_predictor
+
+    if on_error not in ("continue", "stop"):
+        raise TuneforgeError(f"--on-error must be continue or stop, got {on_error!r}")
+    predictor = open_predictor(run_dir, batch_size=batch_size)
+    skipped: list = []
+    items, total = _items(predictor, source, column, id_column, skipped)
+    sink = open(out, "w", encoding="utf-8") if out else sys.stdout
+    counts = {"predicted": 0, "errors": 0, "skipped_rows": len(skipped)}
+    for where in skipped:  # malformed rows the reader dropped: reported in the output too
+        sink.write(json.dumps({"id": where.split(":", 1)[0], "error": where}) + "\n")
+    try:
+        for batch in _batches(items, batch_size, progress, console, total):
+            inputs, good, bad = _encode(predictor, batch)
+            if inputs is not None:
+                probs = predictor.proba_from_encoded(inputs)
+                for (item_id, _), result in zip(good, predictor.format(probs)):
+                    sink.write(json.dumps({"id": item_id, **result}) + "\n")
+                counts["predicted"] += len(good)
+            for item_id, message in bad:
+                sink.write(json.dumps({"id": item_id, "error": message}) + "\n")
+                counts["errors"] += 1
+                if on_error == "stop":
+                    sink.flush()
+                    raise TuneforgeError(f"{message} — stopped (--on-error stop); the {counts['predicted']} "
+                                         f"predictions before it are in {out or 'the output'}")
+            sink.flush()
+    finally:
+        if out:
+            sink.close()
+    return counts
+
+
+def _batches(items: list, size: int, progress: bool, console, total: int) -> Iterator[list]:
+    chunks = (items[i:i + size] for i in range(0, len(items), size))
+    if not progress:
+        yield from chunks
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("predict", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task("predict", total=total)
+        for chunk in chunks:
+            yield chunk
+            bar.advance(task, len(chunk))

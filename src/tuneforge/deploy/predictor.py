@@ -1,0 +1,86 @@
+"""Predicting with a finished run: :class:`Predictor` (one run), :class:`EnsemblePredictor`
+(the fold models of a ``tuneforge cv`` directory), :func:`open_predictor` (either)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import TuneforgeError
+from ..run.artifact import load_model_dir
+
+
+class Predictor:
+    """Loads a run's model and predicts labels with probabilities."""
+
+    def __init__(self, path, device: str = "cpu", batch_size: int = 64):
+        self.model, self.task, self.labels, self.meta = load_model_dir(Path(path))
+        if getattr(self.task, "generative", False):
+            raise TuneforgeError(f"{path} is a {self.meta['task']['type']} run: it writes text rather than predicting "
+                                 f"labels — use `tuneforge generate {path} --prompt ...` or `tuneforge chat {path}`")
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def proba_from_encoded(self, batch: dict) -> torch.Tensor:
+        logits = self.model(**{k: v.to(self.device) for k, v in batch.items()})  # (B, C)
+        return self.task.probabilities(logits).cpu()
+
+    def predict_proba(self, inputs: list) -> torch.Tensor:
+        out = []
+        for i in range(0, len(inputs), self.batch_size):
+            out.append(self.proba_from_encoded(self.task.encode_inputs(inputs[i:i + self.batch_size])))
+        return torch.cat(out) if out else torch.zeros(0, len(self.labels))
+
+    def predict(self, inputs: list) -> list[dict]:
+        return self.format(self.predict_proba(list(inputs)))
+
+    def format(self, probs: torch.Tensor, labels=None) -> list[dict]:
+        """(N, C) probabilities -> ``{"label", "scores"}`` per row, labels in the user's own type."""
+        labels = labels if labels is not None else self.labels
+        results = []
+        for row in probs:
+            scores = {str(labels.names[j]): round(float(p), 6) for j, p in enumerate(row)}
+            if labels.multi_label:
+                label = [labels.name(j) for j, p in enumerate(row) if p >= 0.5]
+            else:
+                label = labels.name(int(row.argmax()))
+            results.append({"label": label, "scores": scores})
+        return results
+
+
+class EnsemblePredictor(Predictor):
+    """The fold models of a ``tuneforge cv`` directory, averaging their probabilities.
+
+    Every fold saw a different 1/K of the data as validation, so the average of the K
+    models is a common way to use all of it for prediction without another run."""
+
+    def __init__(self, path, device: str = "cpu", batch_size: int = 64):
+        summary = json.loads((Path(path) / "cv.json").read_text())
+        runs = [Path(f["run"]) for f in summary["per_fold"]]
+        missing = [str(r) for r in runs if not r.exists()]
+        if missing:
+            raise TuneforgeError(f"the cross-validation in {path} lists fold runs that are gone ({', '.join(missing[:3])}); "
+                                 "predict with a single run directory instead")
+        self.members = [Predictor(r, device=device, batch_size=batch_size) for r in runs]
+        first = self.members[0]
+        for run, member in zip(runs, self.members):
+            if member.labels.names != first.labels.names:
+                raise TuneforgeError(f"fold run {run} has labels {member.labels.names}, the first fold "
+                                     f"{first.labels.names}; the folds cannot be averaged — predict with one fold's run")
+        self.model, self.task, self.labels, self.meta = first.model, first.task, first.labels, dict(first.meta)
+        self.meta["ensemble_of"] = [str(r) for r in runs]
+        self.device, self.batch_size = first.device, batch_size
+
+    def proba_from_encoded(self, batch: dict) -> torch.Tensor:
+        return torch.stack([m.proba_from_encoded(batch) for m in self.members]).mean(0)
+
+
+def open_predictor(path, device: str = "cpu", batch_size: int = 64) -> Predictor:
+    """A run directory (or its model/), or a ``tuneforge cv`` directory (its folds' ensemble)."""
+    if (Path(path) / "cv.json").exists():
+        return EnsemblePredictor(path, device=device, batch_size=batch_size)
+    return Predictor(path, device=device, batch_size=batch_size)

@@ -1,0 +1,157 @@
+"""Saving the final model into ``<run>/model`` and loading it back for prediction.
+
+Layout (``tuneforge.json`` says which applies):
+- HF backbone, weights changed (full / partial): ``backbone/`` is a Hugging Face
+  model directory (config, safetensors weights, tokenizer) + ``head.safetensors``;
+- HF backbone unchanged (linear-probe): the same, so the model stands on its own;
+- timm backbone (any non-LoRA strategy): ``model.safetensors`` + the timm
+  architecture name;
+- LoRA / IA3: ``adapter/`` as written by ``peft`` (loads with ``PeftModel.from_pretrained``
+  on the same base) + the base model reference; with ``output.merge`` the update is folded
+  in and the model is saved plainly (one of the two layouts above);
+- adapters, bitfit, prompt / prefix tuning: ``trainable.safetensors`` (only the tensors that
+  trained, by name) + the strategy's options + the base model reference; loading rebuilds
+  the base, re-applies the strategy and fills in the trained tensors.
+Plus ``labels.json`` (label map) and the task's preprocessing settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import TuneforgeError
+
+FORMAT_VERSION = 1
+
+
+def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe, merged: dict | None = None) -> Path:
+    """``merged``: the report of ``merge_and_check`` when ``model`` is an already merged plain model."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = loaded.info
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "task": recipe.task.model_dump(mode="json"),
+        "modality": info.modality,
+        "family": info.family,
+        "feature_dim": info.feature_dim,
+        "strategy": strategy.name,  # the concrete one (`auto` records what it chose)
+        "base_model": recipe.model.model_dump(mode="json"),
+        "base_spec": info.spec,
+        "task_settings": task.settings(),
+    }
+    layout = "plain" if merged else getattr(strategy, "save_layout", "plain")
+    if merged:
+        meta["merged"] = merged
+    if layout == "peft":
+        model.save_pretrained(str(directory / "adapter"))
+        meta["layout"] = "peft-adapter"
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(directory / "tokenizer"))
+    elif layout == "trainable":
+        from ..strategies.base import trainable_tensors
+
+        save_file(trainable_tensors(model), str(directory / "trainable.safetensors"))
+        meta["layout"] = "base+trainable"
+        meta["strategy_options"] = recipe.strategy.model_dump(mode="json")
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(directory / "tokenizer"))
+    elif info.spec.get("causal_lm"):
+        # the whole *ForCausalLM (decoder + LM head): loads with AutoModelForCausalLM on its own
+        model.lm.save_pretrained(str(directory / "backbone"), safe_serialization=True)
+        loaded.tokenizer.save_pretrained(str(directory / "backbone"))
+        meta["layout"] = "hf-causal-lm"
+    elif info.spec.get("kind") == "hf":
+        model.backbone.save_pretrained(str(directory / "backbone"), safe_serialization=True)
+        loaded.tokenizer.save_pretrained(str(directory / "backbone"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.task_head.state_dict().items()},
+                  str(directory / "head.safetensors"))
+        meta["layout"] = "hf-backbone+head"
+    else:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+        meta["layout"] = "full-state"
+    labels.save(directory / "labels.json")
+    (directory / "tuneforge.json").write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def _load_base(meta: dict, directory: Path):
+    from ..models import load_model
+
+    layout = meta["layout"]
+    causal_lm = bool(meta.get("base_spec", {}).get("causal_lm"))
+    if layout in ("hf-backbone+head", "hf-causal-lm"):
+        return load_model(str(directory / "backbone"), source="hf", causal_lm=causal_lm)
+    if layout == "full-state":
+        spec = meta["base_spec"]
+        return load_model(spec["arch"], source="timm", pretrained=False)
+    base = meta["base_model"]  # peft adapter: rebuild the same pretrained base
+    return load_model(base["name"], source=base["source"], weights=base["weights"], key_map=base["key_map"],
+                      trust_remote_code=base["trust_remote_code"], causal_lm=causal_lm,
+                      load_in_4bit=base.get("load_in_4bit", False))
+
+
+def load_model_dir(directory: Path):
+    """-> (model in eval mode, task, labels, meta)."""
+    from ..recipe import recipe_from_dict
+    from ..tasks import LabelMap, get_task
+
+    directory = Path(directory)
+    if (directory / "model" / "tuneforge.json").exists():
+        directory = directory / "model"
+    meta_path = directory / "tuneforge.json"
+    if not meta_path.exists():
+        raise TuneforgeError(
+            f"'{directory}' is not a tuneforge run or model directory (no model/tuneforge.json); "
+            "pass the run directory printed by `tuneforge train`"
+        )
+    meta = json.loads(meta_path.read_text())
+    labels = LabelMap.from_json(json.loads((directory / "labels.json").read_text()))
+    recipe = recipe_from_dict({"task": meta["task"], "model": meta["base_model"], "strategy": {"name": meta["strategy"]}})
+    task = get_task(recipe)
+    loaded = _load_base(meta, directory)
+    task.attach(loaded)
+    settings = meta.get("task_settings", {})
+    if "max_length" in settings:
+        task.max_length = settings["max_length"]
+    if "preprocessing" in settings:
+        task.preprocessing = settings["preprocessing"]
+    if settings.get("chat_template"):
+        task.build_template_named(settings["chat_template"])
+    model = task.build_model(loaded, labels)
+    layout = meta["layout"]
+    if layout == "hf-backbone+head":
+        model.task_head.load_state_dict(load_file(str(directory / "head.safetensors")))
+    elif layout == "full-state":
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    elif layout == "hf-causal-lm":
+        pass  # the saved directory is the whole fine-tuned model
+    elif layout == "base+trainable":
+        model = _reapply_strategy(model, loaded, meta, directory)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(directory / "adapter"))
+    model.eval()
+    return model, task, labels, meta
+
+
+def _reapply_strategy(model, loaded, meta: dict, directory: Path):
+    """Rebuild a parameter-efficient run: the same strategy on the same base, then its trained tensors."""
+    from ..strategies import get_strategy, options_class
+
+    options = options_class(meta["strategy"]).model_validate(meta["strategy_options"])
+    model = get_strategy(options).apply(model, loaded.info)
+    state = load_file(str(directory / "trainable.safetensors"))
+    _, unexpected = model.load_state_dict(state, strict=False)
+    absent = [n for n, p in model.named_parameters() if p.requires_grad and n not in state]
+    if unexpected or absent:
+        raise TuneforgeError(f"{directory / 'trainable.safetensors'} does not fit the rebuilt {meta['strategy']} model "
+                             f"(unexpected: {', '.join(unexpected[:3]) or 'none'}; missing: {', '.join(absent[:3]) or 'none'}); "
+                             "was the base model changed since the run? Retrain, or restore the base model")
+    return model

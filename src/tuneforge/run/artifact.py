@@ -44,7 +44,7 @@ def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe
         "base_spec": info.spec,
         "task_settings": task.settings(),
     }
-    layout = "plain" if merged else getattr(strategy, "save_layout", "plain")
+    layout = "plain" if merged else strategy.saved_layout
     if merged:
         meta["merged"] = merged
     if layout == "peft":

@@ -166,7 +166,16 @@ def decide(options: AutoOptions, facts: dict) -> dict:
 
 @register("auto", AutoOptions)
 class Auto:
-    """Never trains itself: the pipeline calls ``decide`` and uses the chosen strategy."""
+    """Never trains itself: the run calls ``decide`` and uses the chosen strategy."""
+
+    chooses = True
+    needs_task_head = True  # it chooses among classifier strategies
+    frozen_scope = "none"
+    adds_virtual_tokens = mergeable = plain_export = shares_base = quantized_base = False
+    saved_layout = "plain"
+    max_text_tokens = None
+    frozen: list = []
+    adapted: list = []
 
     def __init__(self, options: AutoOptions):
         self.options = options

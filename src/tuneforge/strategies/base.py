@@ -30,21 +30,64 @@ def register(name: str, options_cls: type):
 
 
 class Strategy(Protocol):
+    """What the rest of tuneforge may know about a strategy: the methods below and the declared
+    capabilities (class attributes). Nothing outside ``strategies/`` compares a strategy's name
+    or probes it with ``hasattr``; a new strategy states its facts here instead.
+
+    Capabilities (each strategy class declares them; the defaults live on the two bases):
+
+    - ``frozen_scope``: which part of the model is a fixed function while training, so its
+      outputs may be cached: ``"backbone"`` (linear-probe: the pooled features),
+      ``"prefix"`` (partial: the lower layer groups, names in ``self.frozen``) or ``"none"``.
+    - ``adds_virtual_tokens``: virtual tokens go in front of every text (prompt / prefix
+      tuning): rows cannot be packed, and texts are shortened to ``max_text_tokens``.
+    - ``needs_task_head``: it trains or schedules a new task head (linear-probe,
+      gradual-unfreeze, auto), so tasks whose model has none (causal-lm, label-words) refuse it.
+    - ``mergeable``: the update folds into the base weights exactly (``output.merge``, exports).
+    - ``plain_export``: the trained model is the base architecture with other weights (after a
+      merge when mergeable), so ``export --format safetensors`` can write it.
+    - ``saved_layout``: how the final model is saved: ``"plain"`` (whole weights), ``"peft"`` (a
+      peft adapter directory on a referenced base), ``"trainable"`` (only the trained tensors on
+      a referenced base; loading re-applies the strategy).
+    - ``shares_base``: several runs of this strategy on one base can be served from one copy of
+      the base (peft adapters switched per request).
+    - ``quantized_base``: it trains on a frozen 4-bit base (``model.load_in_4bit``, QLoRA).
+    - ``chooses``: it picks another strategy before training (``decide(facts)``), never applies itself.
+    - ``modalities``: declared on the options class (``StrategyOptions.modalities``).
+    """
+
     name: str
+    frozen_scope: str
+    adds_virtual_tokens: bool
+    needs_task_head: bool
+    mergeable: bool
+    plain_export: bool
+    saved_layout: str
+    shares_base: bool
+    quantized_base: bool
+    chooses: bool
+    frozen: list[str]  # module names kept frozen (and in eval mode), set by apply()
+    adapted: list[str]  # what the strategy trains or injects, for the log, set by apply()
+    max_text_tokens: int | None  # set by apply() when virtual tokens use up positions
 
     def apply(self, model: nn.Module, info) -> nn.Module:
         """Freeze / inject / wrap. Returns the model to train (may be a wrapper)."""
 
-    # Optional hooks (looked up with getattr; a strategy defines only what it needs):
-    #   will_train(model) -> set[str]: parameter names the optimizer must hold from the start
-    #       (default: those with requires_grad); gradual-unfreeze adds groups it unfreezes later.
-    #   callbacks(trainer, log) -> list[Callback]: events the strategy needs during training.
-    #   wrap_schedule(fn, trainer) -> fn: reshape the lr multiplier (per-stage re-warmup).
-    # Optimizer parameter groups (learning rates per layer group) are built for every
-    # strategy by `param_groups` below, from ModelInfo layer groups, never per strategy.
-
     def set_train_mode(self, model: nn.Module) -> None:
         """``model.train()``, keeping frozen parts in eval mode (BatchNorm statistics, dropout)."""
+
+    def will_train(self, model: nn.Module) -> set[str] | None:
+        """Parameter names the optimizer must hold from the first step; None: those with
+        requires_grad now (gradual-unfreeze adds the groups it unfreezes later)."""
+
+    def callbacks(self, plan, log) -> list:
+        """Events the strategy needs during training (``plan``: the run's step counts)."""
+
+    def wrap_schedule(self, fn, plan):
+        """Reshape the learning-rate multiplier ``fn(step)`` (per-stage re-warmup); identity by default."""
+
+    # Optimizer parameter groups (learning rates per layer group) are built for every
+    # strategy by `param_groups` below, from ModelInfo layer groups, never per strategy.
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -222,10 +265,22 @@ class FreezingStrategy:
     """Shared by full / linear-probe / partial: freeze some backbone groups, train the rest."""
 
     name = "base"
+    # declared capabilities (Strategy's docstring says what each means)
+    frozen_scope = "none"
+    adds_virtual_tokens = False
+    needs_task_head = False
+    mergeable = False
+    plain_export = True
+    saved_layout = "plain"
+    shares_base = False
+    quantized_base = False
+    chooses = False
+    max_text_tokens: int | None = None
 
     def __init__(self, options):
         self.options = options
         self.frozen: list[str] = []
+        self.adapted: list[str] = []
 
     def frozen_groups(self, groups: list[list[str]]) -> list[list[str]]:
         return []
@@ -245,6 +300,15 @@ class FreezingStrategy:
         # deterministic, which later allows caching their activations.
         for module in modules_of(model, self.frozen):
             module.eval()
+
+    def will_train(self, model: nn.Module) -> set[str] | None:
+        return None
+
+    def callbacks(self, plan, log) -> list:
+        return []
+
+    def wrap_schedule(self, fn, plan):
+        return fn
 
 # --------------------------------------------------------------------------- parameter-efficient strategies
 
@@ -277,21 +341,36 @@ class EfficientStrategy:
     tuning): the backbone stays frozen except what the strategy adds or selects; that part
     trains at ``train.lr`` and the new head at ``train.head_lr``.
 
-    ``save_layout``: ``"trainable"`` saves only the trained tensors next to a reference to the
-    base model (the run reloads by rebuilding the base and re-applying the strategy);
-    ``"peft"`` saves a peft adapter directory. ``mergeable``: the update folds into the base
-    weights (``output.merge``). ``max_text_tokens``: set when the strategy uses up position
-    embeddings of the backbone (virtual tokens), so the task shortens its texts.
+    Declared capabilities (see :class:`Strategy`): subclasses change ``saved_layout``
+    (``"peft"`` for peft adapters), ``mergeable``, ``plain_export``, ``adds_virtual_tokens``,
+    ``shares_base`` and ``quantized_base`` where they differ from these defaults.
     """
 
     name = "base"
-    save_layout = "trainable"
+    frozen_scope = "none"
+    adds_virtual_tokens = False
+    needs_task_head = False
     mergeable = False
+    plain_export = False  # modules or virtual tokens outside the base architecture
+    saved_layout = "trainable"
+    shares_base = False
+    quantized_base = False
+    chooses = False
     max_text_tokens: int | None = None
 
     def __init__(self, options):
         self.options = options
         self.adapted: list[str] = []
+        self.frozen: list[str] = []
+
+    def will_train(self, model: nn.Module) -> set[str] | None:
+        return None
+
+    def callbacks(self, plan, log) -> list:
+        return []
+
+    def wrap_schedule(self, fn, plan):
+        return fn
 
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()

@@ -25,6 +25,8 @@ class BitFitOptions(StrategyOptions):
 
 @register("bitfit", BitFitOptions)
 class BitFit(EfficientStrategy):
+    plain_export = True  # only existing biases change: the base architecture exports as is
+
     def apply(self, model: nn.Module, info) -> nn.Module:
         unused = unused_modules(model.backbone, info.family)
         biases = []

@@ -46,6 +46,8 @@ class GradualUnfreezeOptions(StrategyOptions):
 
 @register("gradual-unfreeze", GradualUnfreezeOptions)
 class GradualUnfreeze(FreezingStrategy):
+    needs_task_head = True  # stage 0 trains the head alone
+
     def apply(self, model: nn.Module, info) -> nn.Module:
         groups = backbone_groups(info)
         k = self.options.layers or len(groups)

@@ -34,8 +34,9 @@ def _suffix_hits(names: list[str], suffixes: list[str]) -> list[str]:
 
 @register("ia3", Ia3Options)
 class Ia3(EfficientStrategy):
-    save_layout = "peft"
+    saved_layout = "peft"
     mergeable = True
+    plain_export = True  # after the merge, the base architecture with other weights
 
     def apply(self, model: nn.Module, info) -> nn.Module:
         from peft import IA3Config, get_peft_model

@@ -14,5 +14,8 @@ class LinearProbeOptions(StrategyOptions):
 
 @register("linear-probe", LinearProbeOptions)
 class LinearProbe(FreezingStrategy):
+    frozen_scope = "backbone"  # the pooled features are a fixed function: the activation cache applies
+    needs_task_head = True
+
     def frozen_groups(self, groups):
         return list(groups)

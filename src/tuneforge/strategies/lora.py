@@ -94,8 +94,11 @@ def _dynamic_padding(module: nn.Module) -> bool:
 
 @register("lora", LoraOptions)
 class Lora(EfficientStrategy):
-    save_layout = "peft"
+    saved_layout = "peft"
     mergeable = True
+    plain_export = True  # after the merge, the base architecture with other weights
+    shares_base = True  # several adapters on one base in `tuneforge serve --adapter`
+    quantized_base = True  # QLoRA: adapters on a frozen 4-bit base
 
     def apply(self, model: nn.Module, info) -> nn.Module:
         from peft import LoraConfig, get_peft_model

@@ -16,6 +16,8 @@ class PartialOptions(StrategyOptions):
 
 @register("partial", PartialOptions)
 class Partial(FreezingStrategy):
+    frozen_scope = "prefix"  # the lower groups (self.frozen) are a fixed function: the prefix cache applies
+
     def frozen_groups(self, groups):
         k = self.options.layers
         if k > len(groups):

@@ -29,6 +29,8 @@ class PrefixTuningOptions(StrategyOptions):
 
 @register("prefix-tuning", PrefixTuningOptions)
 class PrefixTuning(EfficientStrategy):
+    adds_virtual_tokens = True
+
     def apply(self, model: nn.Module, info) -> nn.Module:
         from peft import PrefixTuningConfig
 

@@ -73,6 +73,8 @@ def wrap_prompt_learning(strategy, model: nn.Module, info, config, strip: int) -
 
 @register("prompt-tuning", PromptTuningOptions)
 class PromptTuning(EfficientStrategy):
+    adds_virtual_tokens = True
+
     def apply(self, model: nn.Module, info) -> nn.Module:
         from peft import PromptTuningConfig, PromptTuningInit
 

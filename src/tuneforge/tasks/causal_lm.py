@@ -210,8 +210,11 @@ class CausalLMTask:
         return LMExamples(rows, where, len(examples))
 
     def can_pack(self) -> bool:
-        """Prompt and prefix tuning put virtual tokens in front of each row: rows cannot hold several examples."""
-        return self.recipe.strategy.name not in ("prompt-tuning", "prefix-tuning")
+        """A strategy that puts virtual tokens in front of each row (prompt and prefix tuning):
+        rows cannot hold several examples."""
+        from ..strategies import strategy_class
+
+        return not strategy_class(self.recipe.strategy.name).adds_virtual_tokens
 
     def collate(self, items: list[dict]) -> dict:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -16,7 +16,26 @@ from .errors import TuneforgeError
 from .recipe import Recipe, load_recipe
 
 
-def finetune(recipe, *, overrides=None, console=None, resume=None, init_from=None):
+class Run:
+    """What :func:`finetune` returns: ``.path`` (the run directory), ``.metrics`` (eval.json),
+    ``.recipe`` (the resolved recipe), ``.history`` (every evaluation) and ``.predict(inputs)``."""
+
+    def __init__(self, result):
+        self.path, self.metrics, self.recipe, self.history = result.path, result.metrics, result.recipe, result.history
+        self._predictor = None
+
+    def predict(self, inputs: list) -> list[dict]:
+        if self._predictor is None:
+            from .deploy.predictor import Predictor
+
+            self._predictor = Predictor(self.path)
+        return self._predictor.predict(inputs)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+
+def finetune(recipe, *, overrides=None, console=None, resume=None, init_from=None) -> Run:
     """Run a recipe (path, dict or Recipe) end to end; returns a Run (.metrics, .predict, .path).
 
     ``resume``: a run directory (or "auto") to continue exactly from its newest valid checkpoint;
@@ -24,7 +43,7 @@ def finetune(recipe, *, overrides=None, console=None, resume=None, init_from=Non
     """
     from .run.finetune import finetune as _finetune
 
-    return _finetune(recipe, overrides=overrides, console=console, resume=resume, init_from=init_from)
+    return Run(_finetune(recipe, overrides=overrides, console=console, resume=resume, init_from=init_from))
 
 
 def compare(recipe, strategies, *, overrides=None, output=None, isolate=True, console=None):
@@ -43,4 +62,4 @@ def load(path, device: str = "cpu"):
     return open_predictor(path, device=device)
 
 
-__all__ = ["Recipe", "TuneforgeError", "compare", "finetune", "load", "load_recipe", "__version__"]
+__all__ = ["Recipe", "Run", "TuneforgeError", "compare", "finetune", "load", "load_recipe", "__version__"]

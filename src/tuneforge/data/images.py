@@ -393,6 +393,17 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    # The dataset contract the caches and the trainer read (TokenisedDataset has the same):
+    @property
+    def targets(self) -> list[int] | None:
+        return self.labels
+
+    @property
+    def where(self) -> list[str]:
+        return [r.where for r in self.records]
+
+    lengths = None  # every image becomes the same (3, H, W): no length to group or pad by
+
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
         image = load_image(r.values["image"], max_pixels=self.max_pixels, where=r.where)

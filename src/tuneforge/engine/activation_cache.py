@@ -34,19 +34,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge")) / "activations"
 
 
-def cacheable(model, strategy, task, recipe) -> tuple[bool, str]:
-    """Whether caching applies, and why not when it does not (for the log)."""
-    if recipe.train.cache_activations == "off":
-        return False, "train.cache_activations is off"
-    if not getattr(task, "cacheable", True):
-        return False, "every layer of this task's model trains"
-    if strategy.name != "linear-probe":
-        return False, "the backbone is not entirely frozen"
-    if task.modality == "image" and recipe.data.augment:
-        return False, "random augmentation changes the backbone's input every epoch (set data.augment: false to cache)"
-    return True, ""
-
-
 def weights_digest(model: torch.nn.Module, names: list[str]) -> str:
     """sha256 of the named sub-modules' weights and buffers (the frozen part a cache depends on)."""
     h = hashlib.sha256()
@@ -54,20 +41,6 @@ def weights_digest(model: torch.nn.Module, names: list[str]) -> str:
         for key, tensor in sorted(model.get_submodule(name).state_dict().items()):
             h.update(f"{name}.{key}".encode())
             h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _data_digest(dataset) -> str:
-    h = hashlib.sha256()
-    if hasattr(dataset, "input_ids"):
-        for ids in dataset.input_ids:
-            h.update(np.asarray(ids, dtype=np.int64).tobytes())
-            h.update(b"|")
-    else:
-        for record in dataset.records:
-            path = Path(str(record.values["image"]))
-            stat = path.stat() if path.exists() else None
-            h.update(f"{path}|{stat.st_size if stat else ''}|{stat.st_mtime_ns if stat else ''}\n".encode())
     return h.hexdigest()
 
 
@@ -90,39 +63,44 @@ def _collate(items: list[dict]) -> dict:
 
 
 @torch.inference_mode()
-def _compute(model, task, dataset, batch_size: int, device, autocast) -> np.ndarray:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+def _compute(model, batches, n: int, inputs: tuple[str, ...], device, autocast) -> np.ndarray:
+    """Pooled features (n, H) of every example, from ``batches`` (each carrying ``index``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     was_training = base.training
     base.eval()
     out = None
-    for batch in task.loader(dataset, batch_size, train=False, seed=0):
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    for batch in batches:
+        feed = {k: v.to(device) for k, v in batch.items() if k in inputs}
         with autocast():
-            feats = base.features(**inputs).float().cpu().numpy()  # (B, H)
+            feats = base.features(**feed).float().cpu().numpy()  # (B, H)
         if out is None:
-            out = np.empty((len(dataset), feats.shape[1]), dtype=np.float32)
+            out = np.empty((n, feats.shape[1]), dtype=np.float32)
         out[batch["index"].numpy()] = feats
     base.train(was_training)
     return out
 
 
-def build_cached_loaders(model, task, datasets: dict, recipe, device, autocast, precision: str, log) -> dict:
-    """Replace each split's loader by one over cached backbone features."""
+def build_cached_loaders(model, datasets: dict, *, batches, digest, inputs: tuple[str, ...], settings: dict, cfg,
+                         device, autocast, log) -> dict:
+    """Replace each split's loader by one over cached backbone features.
+
+    ``batches(dataset)``: the dataset's examples in eval batches (with ``index``); ``digest(dataset)``:
+    a hash of what the dataset feeds the model; ``inputs``: the batch keys the model takes;
+    ``settings``: everything else the features depend on (preprocessing, pooling, precision);
+    ``cfg``: the train section (batch sizes, seed, group_by_length)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     weights = weights_digest(base, ["backbone"])
-    preprocessing = {k: v for k, v in task.settings().items() if k != "truncated"}  # counts are not inputs
-    settings = json.dumps({"format": FORMAT, "preprocessing": preprocessing, "pooling": recipe.task.pooling,
-                           "precision": precision}, sort_keys=True, default=str)
-    cfg, loaders = recipe.train, {}
+    key_settings = json.dumps({"format": FORMAT, **settings}, sort_keys=True, default=str)
+    loaders = {}
     for split, dataset in datasets.items():
-        key = hashlib.sha256(f"{weights}|{_data_digest(dataset)}|{settings}".encode()).hexdigest()[:32]
+        key = hashlib.sha256(f"{weights}|{digest(dataset)}|{key_settings}".encode()).hexdigest()[:32]
         path = cache_dir() / f"{key}.npy"
         if path.exists():
             size = path.stat().st_size
             features = np.load(path, mmap_mode="r" if size > MMAP_BYTES else None)
             log(f"activation cache: {split} features reused ({path})")
         else:
-            features = _compute(model, task, dataset, cfg.eval_batch_size, device, autocast)
+            features = _compute(model, batches(dataset), len(dataset), inputs, device, autocast)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp.npy")
@@ -131,13 +109,12 @@ def build_cached_loaders(model, task, datasets: dict, recipe, device, autocast, 
             except OSError:
                 pass  # a read-only cache directory only costs the reuse
             log(f"activation cache: {split} features computed once ({features.shape[0]} x {features.shape[1]})")
-        targets = dataset.targets if hasattr(dataset, "targets") else dataset.labels
-        where = list(getattr(dataset, "where", None) or [r.where for r in dataset.records])
-        lengths = dataset.lengths if hasattr(dataset, "input_ids") else None
         train = split == "train"
         # Same sampler and seed as the uncached path: identical batches in identical order.
-        sampler = EpochBatchSampler(len(targets), cfg.batch_size if train else cfg.eval_batch_size, shuffle=train,
-                                    seed=cfg.seed, lengths=lengths, group_by_length=cfg.group_by_length)
-        loaders[split] = DataLoader(FeatureDataset(features, targets, where, lengths), batch_sampler=sampler,
-                                    collate_fn=_collate, generator=torch.Generator().manual_seed(cfg.seed))
+        sampler = EpochBatchSampler(len(dataset.targets), cfg.batch_size if train else cfg.eval_batch_size,
+                                    shuffle=train, seed=cfg.seed, lengths=dataset.lengths,
+                                    group_by_length=cfg.group_by_length)
+        loaders[split] = DataLoader(FeatureDataset(features, dataset.targets, list(dataset.where), dataset.lengths),
+                                    batch_sampler=sampler, collate_fn=_collate,
+                                    generator=torch.Generator().manual_seed(cfg.seed))
     return loaders

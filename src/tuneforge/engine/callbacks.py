@@ -26,6 +26,10 @@ class Callback:
     def on_epoch_end(self, trainer) -> None: ...
     def on_fit_end(self, trainer) -> None: ...
 
+    def summary(self, best_step: int | None) -> dict | None:
+        """A section for the run's final metrics (eval.json), or None (RetainMonitor: "forgetting")."""
+        return None
+
 
 class MetricsLog(Callback):
     """Appends one JSON line per log/eval event to ``metrics.jsonl``."""

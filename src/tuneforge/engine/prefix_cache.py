@@ -33,27 +33,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.batching import EpochBatchSampler
-from .activation_cache import MMAP_BYTES, _data_digest, cache_dir, weights_digest
+from .activation_cache import MMAP_BYTES, cache_dir, weights_digest
 
 FORMAT = 1
 KEY = "prefix_activations"
 
 
-def cacheable(model, strategy, task, recipe) -> tuple[bool, str]:
-    if recipe.train.cache_activations == "off":
-        return False, "train.cache_activations is off"
-    if not getattr(task, "cacheable", True):
-        return False, "not for this task yet"
-    if strategy.name != "partial":
-        return False, "no fixed frozen prefix"
-    if task.modality == "image" and recipe.data.augment:
-        return False, ("random augmentation changes the frozen layers' input every epoch "
-                       "(set data.augment: false to cache)")
+def loose_parameters(model, frozen: list[str]) -> list[str]:
+    """Frozen-group entries that are bare parameters rather than modules (timm ViT's pos_embed):
+    they are used outside any module's forward, so replaying the modules cannot stand in for them."""
     names = dict(model.named_modules())
-    loose = [n for n in strategy.frozen if n not in names]
-    if loose:
-        return False, f"the frozen groups hold bare parameters ({', '.join(loose[:3])}) used outside any module"
-    return True, ""
+    return [n for n in frozen if n not in names]
 
 
 class _Stop(Exception):
@@ -157,10 +147,10 @@ def _from_numpy(a, dtype: torch.dtype) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _compute(model, task, dataset, boundary: str, batch_size: int, device, autocast):
-    """Output of the last frozen module for every example: (flat rows, offsets) for text,
-    one fixed-shape array for images."""
-    rows: list = [None] * len(dataset)
+def _compute(model, batches, n: int, boundary: str, inputs: tuple[str, ...], device, autocast):
+    """Output of the last frozen module for every example: (flat rows, offsets) for ragged inputs
+    (texts, unpadded per example), one fixed-shape array otherwise (images)."""
+    rows: list = [None] * n
     captured = {}
 
     def hook(_m, _a, out):
@@ -170,23 +160,25 @@ def _compute(model, task, dataset, boundary: str, batch_size: int, device, autoc
     handle = model.get_submodule(boundary).register_forward_hook(hook)
     was_training = model.training
     model.eval()
+    ragged = False
     try:
-        for batch in task.loader(dataset, batch_size, train=False, seed=0):
-            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        for batch in batches:
+            feed = {k: v.to(device) for k, v in batch.items() if k in inputs}
             try:
                 with autocast():
-                    model(**inputs)
+                    model(**feed)
             except _Stop:
                 pass
             out = captured.pop("out").cpu()
-            lengths = batch["attention_mask"].sum(1).tolist() if "attention_mask" in batch else None
+            ragged = "attention_mask" in batch
+            lengths = batch["attention_mask"].sum(1).tolist() if ragged else None
             for j, i in enumerate(batch["index"].tolist()):
                 rows[i] = out[j, : lengths[j]].clone() if lengths else out[j].clone()
     finally:
         handle.remove()
         model.train(was_training)
     dtype = rows[0].dtype
-    if "attention_mask" in inputs:
+    if ragged:
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([r.shape[0] for r in rows])
         return _to_numpy(torch.cat(rows)), offsets, dtype
@@ -194,13 +186,15 @@ def _compute(model, task, dataset, boundary: str, batch_size: int, device, autoc
 
 
 class PrefixDataset(Dataset):
-    """The task's dataset (token ids for the mask and shapes; images are not decoded)
-    plus each example's cached prefix activations."""
+    """The task's dataset plus each example's cached prefix activations. Ragged inputs (texts)
+    keep their items (token ids give the mask and the shapes); fixed-size ones (images) are
+    not decoded at all."""
 
-    def __init__(self, inner, values, offsets, dtype, modality: str):
-        self.inner, self.values, self.offsets, self.dtype, self.modality = inner, values, offsets, dtype, modality
-        self.where = list(getattr(inner, "where", None) or [r.where for r in inner.records])
-        self.targets = inner.targets if hasattr(inner, "targets") else inner.labels
+    def __init__(self, inner, values, offsets, dtype, ragged: bool):
+        self.inner, self.values, self.offsets, self.dtype, self.ragged = inner, values, offsets, dtype, ragged
+        self.where = list(inner.where)
+        self.targets = inner.targets
+        self.lengths = inner.lengths
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -211,15 +205,16 @@ class PrefixDataset(Dataset):
         return _from_numpy(self.values[i], self.dtype)
 
     def __getitem__(self, i: int) -> dict:
-        item = self.inner[i] if self.modality == "text" else {"labels": self.targets[i], "index": i}
+        item = self.inner[i] if self.ragged else {"labels": self.targets[i], "index": i}
         return {**item, KEY: self.activations(i)}
 
 
-def _collate_fn(task, modality: str):
-    def collate(items: list[dict]) -> dict:
+def _collate_fn(collate, ragged: bool, inputs: tuple[str, ...]):
+    """``collate``: the task's own collate for ragged items (it pads the ids and builds the mask)."""
+    def collate_with_activations(items: list[dict]) -> dict:
         acts = [it.pop(KEY) for it in items]
-        if modality == "text":
-            batch = task.collate(items)
+        if ragged:
+            batch = collate(items)
             longest = batch["input_ids"].shape[1]
             padded = acts[0].new_zeros((len(acts), longest, acts[0].shape[-1]))  # (B, T, H)
             for row, a in enumerate(acts):
@@ -229,9 +224,9 @@ def _collate_fn(task, modality: str):
         labels = torch.tensor([it["labels"] for it in items], dtype=torch.long)
         stacked = torch.stack(acts)  # (B, ...) the frozen prefix's output
         # The replayed stem ignores its input; a 1-pixel placeholder keeps the call signature.
-        return {"pixel_values": stacked.new_zeros((len(items), 3, 1, 1), dtype=torch.float32), "labels": labels,
-                "index": torch.tensor([it["index"] for it in items]), KEY: stacked}
-    return collate
+        placeholders = {k: stacked.new_zeros((len(items), 3, 1, 1), dtype=torch.float32) for k in inputs}
+        return {**placeholders, "labels": labels, "index": torch.tensor([it["index"] for it in items]), KEY: stacked}
+    return collate_with_activations
 
 
 def _load_or_compute(path: Path, compute):
@@ -255,7 +250,7 @@ def _load_or_compute(path: Path, compute):
     return values, offsets, dtype, False
 
 
-def _check_replay(model, task, datasets, replay: Replay, collate, device, autocast, tolerance: float) -> str:
+def _check_replay(model, datasets, batches, replay: Replay, collate, inputs, device, autocast, tolerance: float) -> str:
     """Logits with the replay must equal the normal forward's on real training examples."""
     train = datasets["train"]
     n = min(8, len(train))
@@ -263,14 +258,12 @@ def _check_replay(model, task, datasets, replay: Replay, collate, device, autoca
     model.eval()
     try:
         with torch.inference_mode(), autocast():
-            plain = task.loader(train.inner, n, train=False, seed=0)
-            batch = next(iter(plain))
-            keep = ("input_ids", "attention_mask", "pixel_values")
-            expected = model(**{k: v.to(device) for k, v in batch.items() if k in keep}).float()
+            batch = next(iter(batches(train.inner, n)))
+            expected = model(**{k: v.to(device) for k, v in batch.items() if k in inputs}).float()
             cached = collate([train[i] for i in batch["index"].tolist()])
             replay.install()
             try:
-                got = model(**{k: v.to(device) for k, v in cached.items() if k in keep + (KEY,)}).float()
+                got = model(**{k: v.to(device) for k, v in cached.items() if k in inputs + (KEY,)}).float()
             finally:
                 replay.remove()
     finally:
@@ -282,18 +275,23 @@ def _check_replay(model, task, datasets, replay: Replay, collate, device, autoca
     return ""
 
 
-def build_prefix_loaders(model, strategy, task, datasets: dict, recipe, device, autocast, precision: str, log):
+def build_prefix_loaders(model, frozen: list[str], datasets: dict, *, batches, collate, digest,
+                         inputs: tuple[str, ...], ragged: bool, settings: dict, cfg, device, autocast, precision: str,
+                         log):
     """Loaders that carry cached prefix activations, and the installed ``Replay``;
-    ``(None, None)`` with the reason logged when this model cannot replay."""
-    cfg = recipe.train
-    frozen = [n for n in strategy.frozen]
-    probe_batch = next(iter(task.loader(datasets["train"], min(2, len(datasets["train"])), train=False, seed=0)))
-    keep = ("input_ids", "attention_mask", "pixel_values")
+    ``(None, None)`` with the reason logged when this model cannot replay.
+
+    ``frozen``: the frozen modules' names; ``batches(dataset, batch_size)``: eval batches of a
+    dataset (with ``index``); ``collate``: the task's collate for ragged items; ``digest(dataset)``:
+    a hash of what the dataset feeds the model; ``inputs``: the batch keys the model takes;
+    ``ragged``: inputs vary in length (texts); ``settings``: what else the activations depend on."""
+    probe_batch = next(iter(batches(datasets["train"], min(2, len(datasets["train"])))))
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), autocast():
-            order, skeleton, why = _probe(model, frozen, {k: v.to(device) for k, v in probe_batch.items() if k in keep})
+            order, skeleton, why = _probe(model, list(frozen),
+                                          {k: v.to(device) for k, v in probe_batch.items() if k in inputs})
     finally:
         model.train(was_training)
     if order is None:
@@ -301,32 +299,31 @@ def build_prefix_loaders(model, strategy, task, datasets: dict, recipe, device, 
         return None, None
     boundary = order[-1]
     weights = weights_digest(model, order)
-    preprocessing = {k: v for k, v in task.settings().items() if k != "truncated"}
-    settings = json.dumps({"format": FORMAT, "kind": "prefix", "frozen": order, "preprocessing": preprocessing,
-                           "precision": precision}, sort_keys=True, default=str)
+    key_settings = json.dumps({"format": FORMAT, "kind": "prefix", "frozen": order, **settings,
+                               "precision": precision}, sort_keys=True, default=str)
     wrapped, reused = {}, []
     for split, dataset in datasets.items():
-        key = hashlib.sha256(f"{weights}|{_data_digest(dataset)}|{settings}".encode()).hexdigest()[:32]
+        key = hashlib.sha256(f"{weights}|{digest(dataset)}|{key_settings}".encode()).hexdigest()[:32]
         values, offsets, dtype, hit = _load_or_compute(
             cache_dir() / f"prefix-{key}.npy",
-            lambda: _compute(model, task, dataset, boundary, cfg.eval_batch_size, device, autocast))
+            lambda: _compute(model, batches(dataset, cfg.eval_batch_size), len(dataset), boundary, inputs, device,
+                             autocast))
         reused.append(f"{split} {'reused' if hit else 'computed once'}")
-        wrapped[split] = PrefixDataset(dataset, values, offsets, dtype, task.modality)
+        wrapped[split] = PrefixDataset(dataset, values, offsets, dtype, ragged)
     replay = Replay(model, order, skeleton)
-    collate = _collate_fn(task, task.modality)
+    collate_cached = _collate_fn(collate, ragged, inputs)
     tolerance = 1e-4 if precision == "fp32" else 2e-2
-    why = _check_replay(model, task, wrapped, replay, collate, device, autocast, tolerance)
+    why = _check_replay(model, wrapped, batches, replay, collate_cached, inputs, device, autocast, tolerance)
     if why:
         log(f"activation cache off: {why}")
         return None, None
     loaders = {}
     for split, ds in wrapped.items():
         train = split == "train"
-        lengths = ds.inner.lengths if task.modality == "text" else None
         # Same sampler and seed as the uncached path: identical batches in identical order.
         sampler = EpochBatchSampler(len(ds), cfg.batch_size if train else cfg.eval_batch_size, shuffle=train,
-                                    seed=cfg.seed, lengths=lengths, group_by_length=cfg.group_by_length)
-        loaders[split] = DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+                                    seed=cfg.seed, lengths=ds.lengths, group_by_length=cfg.group_by_length)
+        loaders[split] = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_cached,
                                     generator=torch.Generator().manual_seed(cfg.seed))
     replay.install()
     log(f"activation cache: frozen layers {order[0]} .. {boundary} run once, replayed from the cache "

@@ -38,27 +38,18 @@ def mean_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def read_retain(task, recipe) -> tuple[list, list | None]:
     """Inputs (texts or image paths) and, if a label column is set, their raw labels."""
+    from ..modalities import modality_of
+
     r = recipe.retain
     d = recipe.data
     if not Path(r.data).exists():
         raise TuneforgeError(f"retain.data '{r.data}' does not exist (relative paths start at {Path.cwd()})")
-    if task.modality == "image":
-        from ..data.images import read_image_records
-
-        records = read_image_records(r.data, image_column=r.image_column or d.image_column, label_column=r.label_column,
-                                     limit=r.max_rows, hints={"image": "retain.image_column",
-                                                              "label": "retain.label_column"},
-                                     format=d.format, encoding=d.encoding, on_bad_record="error", skipped=[])
-        inputs = [rec.values["image"] for rec in records]
-    else:
-        from ..data.records import read_records
-
-        columns = {"text": r.text_column or d.text_column}
-        if r.label_column:
-            columns["label"] = r.label_column
-        records = read_records(r.data, columns=columns, format=d.format, limit=r.max_rows, encoding=d.encoding,
-                               hints={"text": "retain.text_column", "label": "retain.label_column"})
-        inputs = [str(rec.values["text"]) for rec in records]
+    modality = modality_of(task.modality)
+    key = modality.input  # "text" / "image": the record field, and the data/retain column role
+    column = getattr(r, f"{key}_column") or getattr(d, f"{key}_column")
+    records = modality.read_inputs(r.data, column=column, label_column=r.label_column, limit=r.max_rows, data=d,
+                                   hints={key: f"retain.{key}_column", "label": "retain.label_column"})
+    inputs = [rec.values[key] if modality.files else str(rec.values[key]) for rec in records]
     if not inputs:
         raise TuneforgeError(f"retain.data '{r.data}' holds no examples")
     labels = [(rec.values["label"], rec.where) for rec in records] if r.label_column and all(
@@ -69,27 +60,26 @@ def read_retain(task, recipe) -> tuple[list, list | None]:
 class RetainMonitor(Callback):
     """Adds ``retain_*`` figures to every evaluation's metrics (it must run first)."""
 
-    def __init__(self, task, recipe, reference_path: Path):
+    order = -10  # adds retain_* figures to the metrics: before any callback that reads them
+
+    def __init__(self, task, recipe, reference_path: Path, head=None):
+        """``head``: ``(module, LabelMap)`` of an earlier run (retain.head_from), loaded by the run."""
         self.task, self.recipe, self.reference_path = task, recipe, Path(reference_path)
         self.max_drop = recipe.retain.max_drop
         inputs, raw_labels = read_retain(task, recipe)
         bs = recipe.train.eval_batch_size or 64
         self.batches = [task.encode_inputs(inputs[i:i + bs]) for i in range(0, len(inputs), bs)]  # CPU tensors
         self.head = self.head_labels = self.targets = None
-        if recipe.retain.head_from:
-            self._load_head(recipe.retain.head_from, raw_labels)
+        if head is not None:
+            self._use_head(head, raw_labels)
         self.reference: dict | None = None
         self.history: list[dict] = []
 
-    def _load_head(self, run_dir: str, raw_labels) -> None:
-        from ..run.artifact import load_model_dir
-
+    def _use_head(self, head, raw_labels) -> None:
         if raw_labels is None:
             raise TuneforgeError("retain.head_from needs labelled retain data: set retain.label_column")
-        source, _, labels, _ = load_model_dir(Path(run_dir))
-        if hasattr(source, "merge_and_unload"):
-            source = source.merge_and_unload()
-        self.head, self.head_labels = source.task_head.float().eval().requires_grad_(False), labels
+        module, labels = head
+        self.head, self.head_labels = module.float().eval().requires_grad_(False), labels
         self.targets = torch.tensor([labels.id(v, f"retain.data {where}") for v, where in raw_labels])
 
     @torch.no_grad()  # not inference_mode: its tensors may not meet autograd-tracked ones later

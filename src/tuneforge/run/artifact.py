@@ -155,3 +155,11 @@ def _reapply_strategy(model, loaded, meta: dict, directory: Path):
                              f"(unexpected: {', '.join(unexpected[:3]) or 'none'}; missing: {', '.join(absent[:3]) or 'none'}); "
                              "was the base model changed since the run? Retrain, or restore the base model")
     return model
+
+
+def load_head(run_dir) -> tuple:
+    """``(task head module, LabelMap)`` of a saved classification run (retain.head_from)."""
+    from ..strategies.base import merged_module
+
+    model, _, labels, _ = load_model_dir(Path(run_dir))
+    return merged_module(model).task_head, labels  # LoRA/IA3: the head is peft's modules_to_save copy

@@ -81,9 +81,10 @@ def warm_start(model, run_dir: str, labels, log) -> None:
     """Copy another run's final weights into ``model`` (before the strategy is applied)."""
     from .artifact import load_model_dir
 
+    from ..strategies.base import merged_module
+
     source, _, source_labels, _ = load_model_dir(Path(run_dir))
-    if hasattr(source, "merge_and_unload"):  # a LoRA run: fold its adapter into the weights
-        source = source.merge_and_unload()
+    source = merged_module(source)  # a LoRA run: its adapter folded into the weights
     state = source.state_dict()
     same_labels = source_labels.names == labels.names
     if not same_labels:

@@ -375,3 +375,16 @@ class EfficientStrategy:
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()
         freeze_norm_statistics(model)
+
+
+# --------------------------------------------------------------------------- unwrapping a trained model
+
+def base_module(model: nn.Module) -> nn.Module:
+    """The task's own module (``backbone`` + head) under a peft wrapper; the model itself otherwise."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def merged_module(model: nn.Module) -> nn.Module:
+    """The model with a peft adapter (LoRA, IA3) folded into its weights; the model itself when it
+    carries none. Which wrappers exist is this package's business, so the probe lives here."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

@@ -134,6 +134,9 @@ class ClassificationTask:
     """Shared by text and image classification (one level of inheritance only)."""
 
     modality = "text"
+    generative = False     # writes text (generate/chat) instead of predicting labels
+    needs_lm_head = False  # the model loads with its LM head (label-words)
+    cacheable = True       # a head on pooled features: frozen parts may be cached (speed/cache.py)
 
     def __init__(self, recipe):
         self.recipe = recipe
@@ -188,6 +191,14 @@ class ClassificationTask:
 
         # the 20 most confidently wrong examples feed the report; a bounded heap, cheap
         return ClassificationMetrics(len(labels), multi_label=self.multi_label, names=labels.names, top_wrong=20)
+
+    # -- hooks around training (the run calls both; classification needs neither)
+    def before_training(self, model, datasets: dict, device, autocast, run_dir, log) -> None:
+        """Preparation with the untrained weights, after the datasets exist."""
+
+    def after_training(self, model, splits: dict, run, device, autocast, log) -> dict:
+        """Evaluation of the task's own after the final metrics (generation); {} for none."""
+        return {}
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.float()) if self.multi_label else torch.softmax(logits.float(), -1)

@@ -121,6 +121,7 @@ class LMMetrics:
 class CausalLMTask:
     modality = "text"
     generative = True
+    needs_lm_head = True
     cacheable = False  # every layer's input changes as the model trains: nothing to cache
 
     def __init__(self, recipe):
@@ -258,6 +259,9 @@ class CausalLMTask:
         return {"max_length": self.max_length, "chat_template": self.template_name, "format": self.recipe.task.format,
                 "train_on": self.recipe.task.train_on, "packing": dict(self.packed),
                 "truncated": dict(self.truncated), "dropped_no_target": dict(self.dropped)}
+
+    def before_training(self, model, datasets: dict, device, autocast, run_dir, log) -> None:
+        """Nothing to prepare: the loss needs only the model being trained."""
 
     # -- after training --------------------------------------------------------------------
     def after_training(self, model, splits: dict, run, device, autocast, log) -> dict:

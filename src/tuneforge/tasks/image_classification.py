@@ -84,6 +84,9 @@ class ImageClassification(ClassificationTask):
                           collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
                           worker_init_fn=_leave_signals_to_the_main_process if workers else None)
 
+    def collate(self, items: list[dict]) -> dict:
+        return _collate(items)
+
     def settings(self) -> dict:
         return {"preprocessing": self.preprocessing}
 

@@ -226,6 +226,9 @@ class PreferenceTask(CausalLMTask):
         return batch
 
     # -- the reference model -------------------------------------------------------------
+    def before_training(self, model: nn.Module, datasets: dict, device, autocast, run_dir: Path, log) -> None:
+        self.prepare_reference(model, datasets, device, autocast, run_dir, log)
+
     def prepare_reference(self, model: nn.Module, datasets: dict, device, autocast, run_dir: Path, log) -> None:
         """DPO: the reference log-probs of every pair of every split, computed once before the
         first step (or reused from ``run_dir``), stored in the datasets. Must run before any

@@ -112,7 +112,8 @@ def cross_validate(recipe_source, *, folds: int, group_column: str | None = None
                    output: str | None = None, console=None) -> dict:
     from rich.console import Console
 
-    from ..run.finetune import _Log, finetune
+    from ..run.finetune import finetune
+    from ..run.job import Log as _Log
     from ..recipe import load_recipe
     from ..tasks import get_task
 

@@ -1,0 +1,105 @@
+"""The stages after training: best weights back, final evaluation, the task's own evaluation
+(generation), forgetting, the optional merge, the saved model, the manifest and the report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def finish(job) -> None:
+    """Best weights -> final evaluation -> saved model; ``job.final`` holds what eval.json does."""
+    from ..engine.checkpoint import load_checkpoint_weights
+    from .artifact import save_model
+
+    recipe, trainer, run, log = job.recipe, job.trainer, job.run, job.log
+    best = load_checkpoint_weights(run.checkpoints / "best", job.model)
+    final = job.final = {"best_step": best["step"], "metric_for_best": recipe.train.metric_for_best,
+                         "validation": trainer.evaluate(job.loaders["validation"], "validation")}
+    if "test" in job.loaders:
+        final["test"] = trainer.evaluate(job.loaders["test"], "test")
+    final["labels"] = job.labels.names
+    generation = job.task.after_training(job.model, job.splits, run, job.device, job.autocast, log)
+    if generation:  # causal-lm: generation on held-out prompts
+        final["generation"] = generation
+    for cb in trainer.callbacks:
+        summary = cb.summary(final["best_step"])
+        if summary is not None:  # forgetting (retain.data)
+            final["forgetting"] = summary
+    for split in ("validation", "test"):
+        if split in final:
+            name_examples(final[split].get("confidently_wrong", []), job.splits[split])
+    merged = None
+    if recipe.output.merge:
+        job.model, merged = merge(job)
+        final["merge"] = merged
+    run.write_json("eval.json", final)
+    if recipe.output.save_model:
+        save_model(run.model_dir, model=job.model, loaded=job.loaded, strategy=job.strategy, labels=job.labels,
+                   task=job.task, recipe=recipe, merged=merged)
+
+
+def merge(job):
+    """output.merge: fold the adapter into the weights, checked on up to 16 validation examples."""
+    from ..modalities import modality_of
+    from ..strategies.merge import merge_and_check
+
+    batch = next(iter(job.loaders["validation"]))
+    keys = modality_of(job.task.modality).model_inputs
+    inputs = {k: batch[k][:16].to(job.device) for k in keys if k in batch}
+    tolerance = job.recipe.output.merge_tolerance
+    merged, report = merge_and_check(job.model, inputs, tolerance)
+    job.log(f"merge: max |merged - unmerged| logit = {report['max_abs_logit_diff']:.3g} on {report['examples']} "
+            f"validation examples (logits up to {report['logit_scale']:.3g}; tolerance {tolerance:g} x max(1, |logit|), "
+            "fp32): ok")
+    return merged, report
+
+
+def name_examples(wrong: list[dict], records: list) -> None:
+    """Give each confidently-wrong example its input (text, or image path) and row, for the report."""
+    for item in wrong:
+        record = records[item["index"]]
+        item["where"] = record.where
+        if "text" in record.values:
+            item["text"] = str(record.values["text"])[:500]
+        if isinstance(record.values.get("image"), str):  # a path (parquet may hold raw bytes: left out)
+            item["image"] = record.values["image"]
+
+
+def record_completion(job, train_s: float) -> None:
+    """Timings, throughput and what the run was, into the manifest: status completed."""
+    from ..engine.throughput import peak_memory
+    from ..evaluation.report import parameter_summary
+
+    trainer, state = job.trainer, job.state
+    trainer.remeasure_peak()  # outside the timed training
+    eval_s = sum(e.get("eval_seconds", 0.0) for e in state.evals)
+    timings = {"preprocess_s": round(job.timings.get("preprocess_s", 0.0), 2), "train_s": round(train_s, 2),
+               "eval_in_train_s": round(eval_s, 2), "total_s": round(time.perf_counter() - job.started, 2),
+               # throughput over training time without the evaluations inside it
+               **trainer.speed(train_s - eval_s, state.examples, state.tokens, state.positions),
+               **peak_memory(job.device), "matmul_peak_flops": trainer.peak_flops,
+               "train_flops_per_" + ("token" if state.positions else "example"): trainer.flops_per_unit}
+    job.log("speed: " + ", ".join(f"{k} {v}" for k, v in timings.items() if k in (
+        "samples_per_s", "tokens_per_s", "padding_fraction", "mfu", "peak_rss_mb")))
+    job.run.update_manifest(status="completed", steps=state.step, best_step=job.final["best_step"], timings=timings,
+                            task_settings=job.task.settings(), model_info=info_json(job.loaded.info),
+                            skipped_nonfinite=state.skipped_nonfinite, parameters=parameter_summary(job.model),
+                            speedups=job.speedups)
+
+
+def write_report(path: Path, log) -> None:
+    """A report failure never costs a finished run: the model and eval.json are already saved."""
+    from ..evaluation.report import write_report as write
+
+    t0 = time.perf_counter()
+    try:
+        log(f"report: {write(path)} ({time.perf_counter() - t0:.1f}s)")
+    except Exception as err:  # noqa: BLE001 - any failure here is reported, never raised
+        log(f"[yellow]warning: the report could not be written ({type(err).__name__}: {err}); the run is complete "
+            f"— try again with `tuneforge report {path}`[/]")
+
+
+def info_json(info) -> dict:
+    return {"family": info.family, "modality": info.modality, "source": info.source,
+            "layer_groups": len(info.layer_groups), "feature_dim": info.feature_dim}

@@ -26,6 +26,7 @@ class Modality:
     request_field: str             # the JSON field of a `tuneforge serve` request: {"inputs": [...]} / {"images": [...]}
     spatial: bool                  # 4-D (B, C, H, W) batches: channels-last memory layout applies
     variable_length: bool          # batch shapes vary with the inputs (dynamic compile; ragged cached activations)
+    tokenized: bool                # inputs go through the model's tokenizer (saved beside exports)
     files: bool                    # an input may be a file path (relative to its manifest; folders list them)
     suffixes: tuple[str, ...]      # file suffixes of inputs when `files`
     random_inputs: Callable        # (recipe) -> why training inputs differ every epoch, "" when they do not
@@ -136,11 +137,11 @@ def _image_workers(device) -> int:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 MODALITIES: dict[str, Modality] = {
-    "text": Modality("text", "text", ("input_ids", "attention_mask"), "inputs", spatial=False, variable_length=True,
+    "text": Modality("text", "text", ("input_ids", "attention_mask"), "inputs", spatial=False, variable_length=True, tokenized=True,
                      files=False, suffixes=(), random_inputs=_no_randomness, digest=_token_digest,
                      read_inputs=_read_texts, decode=_decode_text, synthetic=_synthetic_tokens,
                      default_workers=_no_workers),
-    "image": Modality("image", "image", ("pixel_values",), "images", spatial=True, variable_length=False,
+    "image": Modality("image", "image", ("pixel_values",), "images", spatial=True, variable_length=False, tokenized=False,
                       files=True, suffixes=IMAGE_SUFFIXES, random_inputs=_augmentation, digest=_file_digest,
                       read_inputs=_read_images, decode=_decode_image, synthetic=_synthetic_images,
                       default_workers=_image_workers),

@@ -103,7 +103,7 @@ def test_bad_export_requests_name_the_fix_and_write_nothing(text_run, tmp_path):
 
 
 def test_a_failed_parity_check_is_an_error(text_run, tmp_path, monkeypatch):
-    import tuneforge.deploy.export as ex
+    import tuneforge.deploy.export.onnx as ex
 
     monkeypatch.setattr(ex, "TOLERANCE", -1.0)  # nothing can pass
     with pytest.raises(TuneforgeError, match="parity check failed"):

@@ -16,7 +16,7 @@ class Generator:
 
     def __init__(self, path, device: str = "cpu"):
         self.model, self.task, _, self.meta = load_model_dir(Path(path))
-        if not getattr(self.task, "generative", False):
+        if not self.task.generative:
             raise TuneforgeError(f"{path} is a {self.meta['task']['type']} run; generate and chat need a causal-lm "
                                  "or preference run (use `tuneforge predict` for classifiers)")
         if self.task.template is None:

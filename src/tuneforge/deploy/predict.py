@@ -18,7 +18,7 @@ import torch
 
 from ..errors import TuneforgeError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from ..modalities import IMAGE_SUFFIXES, modality_of  # noqa: F401 - IMAGE_SUFFIXES kept for old imports
 
 
 def _items(predictor, source: str, column: str | None, id_column: str | None, skipped: list) -> tuple[list, int]:
@@ -26,14 +26,15 @@ def _items(predictor, source: str, column: str | None, id_column: str | None, sk
     path = Path(source)
     if not path.exists():
         raise TuneforgeError(f"--file {source} does not exist")
-    if predictor.meta["modality"] == "image" and path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    spec = modality_of(predictor.meta["modality"])
+    if spec.files and path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in spec.suffixes)
         if not files:
-            raise TuneforgeError(f"{source} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise TuneforgeError(f"{source} holds no {spec.name} files ({', '.join(sorted(spec.suffixes))})")
         return [(str(p), str(p)) for p in files], len(files)
     from ..data.records import read_records
 
-    column = column or ("text" if predictor.meta["modality"] == "text" else "image")
+    column = column or spec.input
     columns = {"input": column}
     if id_column:
         columns["id"] = id_column
@@ -43,7 +44,7 @@ def _items(predictor, source: str, column: str | None, id_column: str | None, sk
     out = []
     for r in records:
         value = r.values["input"]
-        if predictor.meta["modality"] == "image" and isinstance(value, str) and not Path(value).is_absolute():
+        if spec.files and isinstance(value, str) and not Path(value).is_absolute():
             value = str(base / value)  # manifest paths are relative to the manifest
         out.append((r.values.get("id", r.where), value))
     return out, len(out)
@@ -64,10 +65,8 @@ def _encode(predictor, batch: list) -> tuple[dict | None, list, list]:
             bad.append((item[0], str(err)))
     if not good:
         return None, [], bad
-    keys = encoded[0].keys()
-    if predictor.meta["modality"] == "text":
-        return predictor.task.encode_inputs([x for _, x in good]), good, bad
-    return {k: torch.cat([e[k] for e in encoded]) for k in keys}, good, bad
+    # encoded together again: padded to one length (texts), stacked (images)
+    return predictor.task.encode_inputs([x for _, x in good]), good, bad
 
 
 def predict_file(run_dir, source: str, out: str | None, *, column: str | None = None, id_column: str | None = None,

@@ -17,7 +17,7 @@ class Predictor:
 
     def __init__(self, path, device: str = "cpu", batch_size: int = 64):
         self.model, self.task, self.labels, self.meta = load_model_dir(Path(path))
-        if getattr(self.task, "generative", False):
+        if self.task.generative:
             raise TuneforgeError(f"{path} is a {self.meta['task']['type']} run: it writes text rather than predicting "
                                  f"labels — use `tuneforge generate {path} --prompt ...` or `tuneforge chat {path}`")
         self.device = torch.device(device)

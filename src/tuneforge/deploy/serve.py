@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TuneforgeError
+from ..modalities import MODALITIES, modality_of
 
 
 @dataclass
@@ -144,6 +145,9 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
     run_dir = Path(run_dir)
     predictor = Predictor(run_dir)
     modality = predictor.meta["modality"]
+    spec = modality_of(modality)  # request field, whether inputs are files (images), ...
+    field_name = spec.request_field
+    others = {m.request_field: m.name for m in MODALITIES.values() if m.request_field != field_name}
     label_maps = {"default": predictor.labels, **_load_adapters(predictor, run_dir, cfg.adapters)}
     registry = CollectorRegistry()
     metrics = {
@@ -227,11 +231,11 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
         or multipart files under ``images``. Returns ``{"predictions": [{"label", "scores"}, ...]}``."""
         ctype = request.headers.get("content-type", "")
         adapter = request.query_params.get("adapter", "default")  # multipart: ?adapter=NAME
-        if modality == "image" and ctype.startswith("multipart/"):
+        if spec.files and ctype.startswith("multipart/"):
             form = await request.form(max_files=cfg.max_items + 1)
-            files = form.getlist("images")
+            files = form.getlist(field_name)
             if not files:
-                fail(422, "bad_request", "multipart requests carry the images as files in the field 'images'")
+                fail(422, "bad_request", f"multipart requests carry the inputs as files in the field '{field_name}'")
             if len(files) > cfg.max_items:
                 fail(413, "too_many", f"{len(files)} images; at most {cfg.max_items} per request")
             inputs = [decode_image(await f.read(), i) for i, f in enumerate(files)]
@@ -242,11 +246,9 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
                 body = json.loads(await read_body(request) or b"null")
             except ValueError:
                 fail(400, "bad_json", "the body is not valid JSON")
-            field_name = "inputs" if modality == "text" else "images"
             if not isinstance(body, dict) or field_name not in body:
-                other = "images" if field_name == "inputs" else "inputs"
-                hint = f" ('{other}' is for {'image' if other == 'images' else 'text'} models)" \
-                    if isinstance(body, dict) and other in body else ""
+                given = [f for f in others if isinstance(body, dict) and f in body]
+                hint = f" ('{given[0]}' is for {others[given[0]]} models)" if given else ""
                 fail(422, "bad_request", f"this is a {modality} model: send {{\"{field_name}\": [...]}}{hint}")
             adapter = body.pop("adapter", adapter) if isinstance(body, dict) else adapter
             if adapter not in label_maps:
@@ -259,7 +261,7 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
                 fail(422, "bad_request", f"'{field_name}' must be a non-empty list")
             if len(items) > cfg.max_items:
                 fail(413, "too_many", f"{len(items)} inputs; at most {cfg.max_items} per request")
-            if modality == "text":
+            if not spec.files:  # texts: strings, each within the length limit
                 for i, t in enumerate(items):
                     if not isinstance(t, str):
                         fail(422, "bad_request", f"inputs[{i}] is not a string")
@@ -267,7 +269,7 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
                         fail(413, "too_long", f"inputs[{i}] has {len(t):,} characters; the limit is "
                                               f"{cfg.max_text_chars:,}")
                 inputs = items
-            else:
+            else:  # files (images): base64 in JSON
                 inputs = []
                 for i, b64 in enumerate(items):
                     try:
@@ -311,7 +313,7 @@ def _load_adapters(predictor, run_dir: Path, adapters: dict[str, str]) -> dict:
 
     if not adapters:
         return {}
-    if not hasattr(predictor.model, "load_adapter") or predictor.meta.get("layout") != "peft-adapter":
+    if not _shares_base(predictor.meta):
         raise TuneforgeError(f"--adapter needs a LoRA run to serve first; {run_dir} is a "
                              f"{predictor.meta.get('strategy')} run")
     out = {}
@@ -323,7 +325,7 @@ def _load_adapters(predictor, run_dir: Path, adapters: dict[str, str]) -> dict:
         if not meta_path.exists():
             raise TuneforgeError(f"--adapter {name}={other}: not a tuneforge run directory")
         meta = json.loads(meta_path.read_text())
-        if meta.get("layout") != "peft-adapter" or meta.get("strategy") != "lora":
+        if not _shares_base(meta):
             raise TuneforgeError(f"--adapter {name}={other} is a {meta.get('strategy')} run; only LoRA runs share a base")
         if meta.get("base_model") != predictor.meta.get("base_model"):
             raise TuneforgeError(f"--adapter {name}={other} was trained on base {meta['base_model'].get('name')}, the "
@@ -337,6 +339,13 @@ def _load_adapters(predictor, run_dir: Path, adapters: dict[str, str]) -> dict:
     predictor.model.set_adapter("default")
     predictor.model.eval()
     return out
+
+
+def _shares_base(meta: dict) -> bool:
+    """A run whose adapter can sit beside others on one copy of the base (LoRA: peft adapters)."""
+    from ..strategies import strategy_class
+
+    return meta.get("layout") == "peft-adapter" and strategy_class(meta["strategy"]).shares_base
 
 
 def serve(run_dir, *, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig | None = None) -> None:

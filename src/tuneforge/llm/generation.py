@@ -1,7 +1,7 @@
 """Generating replies: greedy or sampled, with a KV cache, stopping at EOS / end-of-turn.
 
 Our own short loop rather than ``transformers.generate``: it runs the same
-:class:`~tuneforge.tasks.causal_lm.CausalLM` that trained (peft adapters injected in
+:class:`~tuneforge.llm.model.CausalLM` that trained (peft adapters injected in
 place included), needs no generation config on the model, and stays deterministic for a
 given seed. Prompts are left-padded into one batch; position ids count real tokens only,
 so a prompt's reply does not depend on the other prompts in its batch (up to float
@@ -25,7 +25,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     """Replies (decoded, stop token removed) for ``prompts`` (already templated texts)."""
     import contextlib
 
-    from ..tasks.causal_lm import _wrapped, core_model
+    from .model import _wrapped, core_model
 
     core = core_model(model)
     model.eval()
@@ -47,7 +47,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
 
 def _generate_batch(core, prompts: list[list[int]], max_new: int, stop, greedy, temperature, top_p, generator, device,
                     pad_id: int) -> list[list[int]]:
-    from ..tasks.causal_lm import _wrapped
+    from .model import _wrapped
 
     B, longest = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, longest), pad_id, dtype=torch.long, device=device)  # (B, T) left-padded

@@ -60,8 +60,8 @@ def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe
         meta["strategy_options"] = recipe.strategy.model_dump(mode="json")
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(str(directory / "tokenizer"))
-    elif info.spec.get("causal_lm"):
-        # the whole *ForCausalLM (decoder + LM head): loads with AutoModelForCausalLM on its own
+    elif task.needs_lm_head:
+        # the model is the whole *ForCausalLM (decoder + LM head): it loads with AutoModelForCausalLM on its own
         model.lm.save_pretrained(str(directory / "backbone"), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(directory / "backbone"))
         meta["layout"] = "hf-causal-lm"
@@ -116,13 +116,7 @@ def load_model_dir(directory: Path):
     task = get_task(recipe)
     loaded = _load_base(meta, directory)
     task.attach(loaded)
-    settings = meta.get("task_settings", {})
-    if "max_length" in settings:
-        task.max_length = settings["max_length"]
-    if "preprocessing" in settings:
-        task.preprocessing = settings["preprocessing"]
-    if settings.get("chat_template"):
-        task.build_template_named(settings["chat_template"])
+    task.restore(meta.get("task_settings", {}))  # what the task decided while training: lengths, template, sizes
     model = task.build_model(loaded, labels)
     layout = meta["layout"]
     if layout == "hf-backbone+head":

@@ -75,8 +75,9 @@ def to_channels_last(batch: dict) -> dict:
 
 def _backbone(model):
     """The pretrained network inside the task's module, through a strategy's wrappers."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    backbone = base.backbone
+    from ..strategies.base import base_module
+
+    backbone = base_module(model).backbone
     backbone = getattr(backbone, "peft", backbone)  # prompt tuning wraps the HF model
     return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
 
@@ -121,7 +122,9 @@ class Compile:
         return job.cfg.compile, ""
 
     def apply(self, job) -> None:
-        base = job.model.get_base_model() if hasattr(job.model, "get_base_model") else job.model
+        from ..strategies.base import base_module
+
+        base = base_module(job.model)
         # Batches of varying length (text) compile once with dynamic shapes instead of once per length.
         base.backbone.compile(dynamic=modality_of(job.task.modality).variable_length)
         job.log("torch.compile: the backbone compiles on its first batches (train.compile)")

@@ -25,64 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.batching import EpochBatchSampler
 from ..errors import TuneforgeError
+from ..llm.model import LM_HEAD_ROWS_MULTIPLE, CausalLM, _wrapped, core_model  # noqa: F401 - re-exported
 from ..llm.templates import IGNORE, Template, resolve_template
 from .base import LabelMap
 
 # Longest row by default: the model's own limit, capped (attention cost grows with its square).
 DEFAULT_MAX_LENGTH = 1024
-# On CPU the LM head's row count is rounded up to a multiple of this (zero rows, no loss). The
-# number of target tokens changes with every batch, and oneDNN builds and caches a kernel per
-# matmul shape: a new shape each step cost ~15 MB of resident memory per step, without bound
-# (a 17M Llama grew from 2.1 to 2.6 GB in 30 steps; flat with the rounding; PERFORMANCE.md).
-LM_HEAD_ROWS_MULTIPLE = 64
-
-
-class CausalLM(nn.Module):
-    """A decoder and its LM head. ``forward(..., labels=...)`` returns the summed next-token loss
-    and the number of target tokens; without labels it returns the logits (B, T, V)."""
-
-    def __init__(self, backbone: nn.Module, lm_head: nn.Module, lm: nn.Module | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.lm_head = lm_head
-        self.__dict__["lm"] = lm  # the HF *ForCausalLM around the same modules (saving), not a submodule
-
-    def hidden(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if position_ids is not None:
-            # packed rows: no 2-D mask, so the model builds the block-diagonal mask from position ids
-            kwargs.update(position_ids=position_ids, attention_mask=None)
-        if not _wrapped(self.backbone):
-            kwargs["use_cache"] = False  # a cache would also switch off packed-sequence masking
-        return self.backbone(**kwargs).last_hidden_state  # (B, T, H)
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **_):
-        hidden = self.hidden(input_ids, attention_mask, position_ids)
-        if labels is None:
-            return self.lm_head(hidden)  # (B, T, V)
-        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        keep = targets != IGNORE
-        picked, target = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,): only positions that carry loss
-        pad = -picked.shape[0] % LM_HEAD_ROWS_MULTIPLE if picked.device.type == "cpu" else 0
-        if pad:  # a few shapes instead of one per batch (LM_HEAD_ROWS_MULTIPLE); padded rows carry no loss
-            picked = torch.cat([picked, picked.new_zeros(pad, picked.shape[1])])
-            target = torch.cat([target, target.new_full((pad,), IGNORE)])
-        logits = self.lm_head(picked)  # (N + pad, V)
-        loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
-        return loss, keep.sum()
-
-
-def _wrapped(backbone) -> bool:
-    """A strategy's wrapper (prompt tuning) that takes only ids and mask."""
-    return not hasattr(backbone, "config")
-
-
-def core_model(model: nn.Module) -> CausalLM:
-    """The :class:`CausalLM` inside a peft wrapper (adapters injected in place stay active)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(inner, CausalLM):
-        raise TuneforgeError(f"expected a causal language model, got {type(inner).__name__}")
-    return inner
 
 
 class LMExamples(Dataset):
@@ -262,6 +210,13 @@ class CausalLMTask:
 
     def before_training(self, model, datasets: dict, device, autocast, run_dir, log) -> None:
         """Nothing to prepare: the loss needs only the model being trained."""
+
+    def restore(self, settings: dict) -> None:
+        """Take back what :meth:`settings` recorded (a saved run being loaded)."""
+        if "max_length" in settings:
+            self.max_length = settings["max_length"]
+        if settings.get("chat_template"):
+            self.build_template_named(settings["chat_template"])
 
     # -- after training --------------------------------------------------------------------
     def after_training(self, model, splits: dict, run, device, autocast, log) -> dict:

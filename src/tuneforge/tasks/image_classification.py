@@ -90,6 +90,11 @@ class ImageClassification(ClassificationTask):
     def settings(self) -> dict:
         return {"preprocessing": self.preprocessing}
 
+    def restore(self, settings: dict) -> None:
+        """Take back what :meth:`settings` recorded (a saved run being loaded)."""
+        if "preprocessing" in settings:
+            self.preprocessing = settings["preprocessing"]
+
     # -- prediction
     def encode_inputs(self, images: list) -> dict:
         from ..data.images import load_image

@@ -182,6 +182,11 @@ class TextClassification(ClassificationTask):
             out["label_tokens"] = dict(self.label_tokens)
         return out
 
+    def restore(self, settings: dict) -> None:
+        """Take back what :meth:`settings` recorded (a saved run being loaded)."""
+        if "max_length" in settings:
+            self.max_length = settings["max_length"]
+
     # -- prediction
     def encode_inputs(self, texts: list[str]) -> dict:
         if self.words is not None:

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import TuneforgeError
+from ..modalities import modality_of
 
 
 def _fold_indices(keys: list, groups: list | None, k: int, seed: int) -> list[list[int]]:
@@ -78,7 +79,7 @@ def _write_jsonl(path: Path, records: list, modality: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             row = {k: v for k, v in r.values.items() if k in ("text", "label", "id", "image")}
-            if modality == "image" and not isinstance(row.get("image"), str):
+            if modality_of(modality).files and not isinstance(row.get(modality_of(modality).input), str):
                 raise TuneforgeError(f"{r.where}: images stored inside the data file cannot be split into folds "
                                      "yet; use an image folder or a manifest of image paths")
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

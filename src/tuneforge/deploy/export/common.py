@@ -1,0 +1,95 @@
+"""What every exporter shares: the sample inputs of the parity check, the comparison, the
+traceable wrapper, publishing a checked export, and the plain (merged) model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...errors import TuneforgeError
+from ...modalities import modality_of
+
+TOLERANCE = 1e-4  # fp32 exports: max |logit difference| / max(1, max |logit|)
+INT8_MIN_AGREEMENT = 0.9  # dynamic int8: share of sample predictions that must keep their label
+MARKER = "export.json"  # every export directory holds its parity report under this name
+
+
+class _Logits(nn.Module):
+    """Plain tensors in, logits out: the signature an exporter can trace."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.names, tensors)))
+
+
+def sample_inputs(run_dir: Path, task, n: int) -> tuple[dict, list | None, str]:
+    """Up to ``n`` encoded inputs from the run's own data (validation first), their label
+    ids when known, and a line saying where they came from."""
+    from ...recipe import load_recipe
+
+    config = run_dir / "config.yaml"
+    modality = modality_of(task.modality)
+    if config.exists():
+        recipe = load_recipe(config)
+        for split in ("validation", "test", "train"):
+            path = getattr(recipe.data, split, None)
+            if not path or not Path(path).exists():
+                continue
+            try:
+                records = task.read(split, path, limit=n, skipped=[])
+            except TuneforgeError:
+                continue
+            if records:
+                inputs = task.encode_inputs([r.values[modality.input] for r in records])
+                return inputs, [r.values.get("label") for r in records], f"{len(records)} rows of {path}"
+    g = torch.Generator().manual_seed(0)
+    return (modality.synthetic(task, 4, g), None,
+            f"4 synthetic {'token sequences' if modality.variable_length else 'inputs'} (the run's data is gone)")
+
+
+def plain_model(model: nn.Module, meta: dict) -> nn.Module:
+    """A model whose weights are all ordinary parameters of the base architecture + head."""
+    from ...strategies import strategy_class
+    from ...strategies.base import merged_module
+
+    strategy = strategy_class(meta["strategy"])
+    if not strategy.plain_export:
+        raise TuneforgeError(f"strategy {meta['strategy']} keeps modules or virtual tokens outside the base "
+                             "architecture; this format writes the plain architecture — use --format onnx (it runs "
+                             "any strategy's graph)")
+    return merged_module(model) if strategy.mergeable else model
+
+
+def publish(tmp: Path, out: Path, report: dict) -> None:
+    """Write the report next to the checked export, then move the whole directory into place."""
+    (tmp / MARKER).write_text(json.dumps(report, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.replace(out)
+
+
+def compare(reference: torch.Tensor, got: torch.Tensor, tolerance: float | None, min_agreement: float) -> dict:
+    diff = float((got - reference).abs().max())
+    scale = max(1.0, float(reference.abs().max()))
+    agreement = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
+    ok = agreement >= min_agreement and (tolerance is None or diff <= tolerance * scale)
+    rule = (f"|diff| <= {tolerance:g} x max(1, |logit|) and every label equal" if tolerance is not None
+            else f"labels agree on >= {min_agreement:.0%}")
+    return {"max_abs_diff": diff, "logit_scale": scale, "label_agreement": agreement, "rule": rule,
+            "check": "passed" if ok else "FAILED"}
+
+
+def fail(report: dict, what: str) -> None:
+    if report["check"] != "passed":
+        raise TuneforgeError(f"{what} parity check failed: max |logit diff| {report['max_abs_diff']:.3g}, labels agree "
+                             f"{report['label_agreement']:.1%} (rule: {report['rule']}); nothing was written")
+
+

@@ -269,7 +269,7 @@ def write_worker_result(path: str | Path, result: dict) -> None:
 # --------------------------------------------------------------------------- tuneforge contender
 
 
-def run_tuneforge(name: str, recipe: dict, work: "Workdir") -> dict:
+def run_tuneforge(name: str, recipe: dict, work: "Workdir", src: str | Path | None = None) -> dict:
     """``tuneforge train RECIPE --output DIR`` in a subprocess; timings from the run directory.
 
     train_s = manifest ``timings.train_s`` (the whole ``Trainer.fit()``) minus the
@@ -278,6 +278,8 @@ def run_tuneforge(name: str, recipe: dict, work: "Workdir") -> dict:
     whose training time excludes evaluation. What remains inside it besides the
     optimisation steps: checkpoint writes after each evaluation (best + resumable).
     Each run gets an empty ``TUNEFORGE_CACHE`` (no activations cached by an earlier run).
+    ``src``: another tuneforge source tree (its ``src/`` folder) to run instead of the installed
+    one, with this interpreter and its packages (``--baseline-src``: before/after in one invocation).
     """
     import yaml
 
@@ -288,8 +290,15 @@ def run_tuneforge(name: str, recipe: dict, work: "Workdir") -> dict:
     # A cold, private TUNEFORGE_CACHE per run: tuneforge keeps computed activations (frozen
     # backbones) on disk across runs, and a benchmark must not reuse an earlier run's work.
     cache = work.runs / f"{name}.tuneforge-cache"
-    out = run_contender(name, tuneforge_command() + ["train", recipe_path, "--output", run_dir, "--overwrite"],
-                        work.log(name), fresh_dir=cache, env={"TUNEFORGE_CACHE": str(cache)})
+    env = {"TUNEFORGE_CACHE": str(cache)}
+    command = tuneforge_command()
+    if src is not None:
+        env["PYTHONPATH"] = str(Path(src).resolve())
+        command = [sys.executable, "-m", "tuneforge"]
+    out = run_contender(name, command + ["train", recipe_path, "--output", run_dir, "--overwrite"],
+                        work.log(name), fresh_dir=cache, env=env)
+    if src is not None:
+        out["tuneforge_src"] = str(Path(src).resolve())
     out["recipe"] = recipe
     if out["ok"]:
         out.update(tuneforge_run_metrics(run_dir))
@@ -432,8 +441,9 @@ def add_ratios(rows: list[dict], group: str = "strategy", base: str = "tuneforge
     """Per group (e.g. strategy), each contender's figure divided by tuneforge's:
     ``x_samples_per_s`` < 1 means slower than tuneforge; ``x_train_s`` > 1 means longer."""
     for row in rows:
-        ref = next((r for r in rows if r.get(group) == row.get(group) and r["contender"] == base and r.get("ok")),
-                   None)
+        # the same group and round (``--rounds``: each round against its own tuneforge row)
+        ref = next((r for r in rows if r.get(group) == row.get(group) and r.get("round") == row.get("round")
+                    and r["contender"] == base and r.get("ok")), None)
         if ref is None or not row.get("ok"):
             continue
         for key, out in (("samples_per_s", "x_samples_per_s"), ("train_s", "x_train_s"), ("wall_s", "x_wall_s"),
@@ -500,7 +510,9 @@ def default_output(name: str, when: str) -> Path:
     return RESULTS_DIR / f"{name}-{when}.json"
 
 
-def add_common_args(parser) -> None:
+def add_common_args(parser, before_after: bool = False) -> None:
+    """The options every benchmark takes; ``before_after``: also --baseline-src and --rounds
+    (the scripts whose tuneforge contender can run from two source trees: text, image)."""
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--warmup", type=float, default=0.1, help="warmup, fraction of total steps (all contenders)")
     parser.add_argument("--output", type=Path, default=None,
@@ -512,6 +524,14 @@ def add_common_args(parser) -> None:
     parser.add_argument("--busy-threshold", type=float, default=0.15)
     parser.add_argument("--keep-runs", action="store_true",
                         help="keep run directories / trained weights under benchmarks/results/<name>-<timestamp>/runs")
+    if not before_after:
+        return
+    parser.add_argument("--baseline-src", default=None, metavar="DIR",
+                        help="also run the tuneforge contender from this other source tree's src/ folder (contender "
+                             "'tuneforge-baseline', right after 'tuneforge'; same recipe): before/after a change in "
+                             "one invocation, e.g. a `git worktree` of the previous commit")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every contender this many times, interleaved (A B A B ...); rows carry a round")
 
 
 def split_list(value: str) -> list[str]:

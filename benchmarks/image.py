@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.1, help="held out when the folder has no val/")
     p.add_argument("--contenders", default="tuneforge,timm-loop")
     p.add_argument("--timm-precision", default="fp32,bf16", help="comma-separated: fp32 (timm default), bf16 (--amp)")
-    common.add_common_args(p)
+    common.add_common_args(p, before_after=True)
     return p.parse_args(argv)
 
 
@@ -105,9 +105,11 @@ def main(argv=None) -> int:
     print(f"data: {described}; train {n_train} images in {train}, val {n_val} in {val}; "
           f"load average {machine['loadavg_at_start']}", flush=True)
 
+    if args.baseline_src and "tuneforge" in contenders:
+        contenders.insert(contenders.index("tuneforge") + 1, "tuneforge-baseline")
     rows = []
-    for contender in contenders:
-        if contender == "tuneforge":
+    for round_, contender in [(r, c) for r in range(args.rounds) for c in contenders]:
+        if contender in ("tuneforge", "tuneforge-baseline"):
             recipe = {
                 "model": {"name": args.model},
                 "task": {"type": "image-classification", "image_size": args.image_size},
@@ -119,7 +121,9 @@ def main(argv=None) -> int:
                           "weight_decay": args.weight_decay, "seed": args.seed, "progress": False},
                 "output": {"name": "tuneforge"},
             }
-            runs = [("tuneforge", common.run_tuneforge("tuneforge", recipe, work))]
+            src = args.baseline_src if contender == "tuneforge-baseline" else None
+            name = contender + (f"-r{round_}" if args.rounds > 1 else "")
+            runs = [(contender, common.run_tuneforge(name, recipe, work, src=src))]
         else:
             runs = []
             for pr in precisions:
@@ -132,7 +136,7 @@ def main(argv=None) -> int:
                        "log_interval": 10}
                 runs.append((name, common.run_worker(name, "timm_loop.py", cfg, work)))
         for name, row in runs:
-            row.update(contender=name, strategy="full")
+            row.update(contender=name, strategy="full", round=round_)
             common.add_rates(row, samples)
             rows.append(row)
     for row in rows:  # every contender against tuneforge

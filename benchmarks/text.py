@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr-full", type=float, default=DEFAULT_LR["full"])
     p.add_argument("--lr-lora", type=float, default=DEFAULT_LR["lora"])
-    common.add_common_args(p)
+    common.add_common_args(p, before_after=True)
     return p.parse_args(argv)
 
 
@@ -99,19 +99,22 @@ def main(argv=None) -> int:
     print(f"SST-2: {n_train} train rows ({tokens_per_epoch} real tokens/epoch), dev {dev}; "
           f"load average {machine['loadavg_at_start']}", flush=True)
 
+    if args.baseline_src and "tuneforge" in contenders:
+        contenders.insert(contenders.index("tuneforge") + 1, "tuneforge-baseline")
     rows = []
     for strategy in strategies:
         lr = args.lr_full if strategy == "full" else args.lr_lora
-        for contender in contenders:
-            name = f"{contender}-{strategy}"
-            if contender == "tuneforge":
-                row = common.run_tuneforge(name, tuneforge_recipe(args, strategy, lr, train, dev, name), work)
+        for round_, contender in [(r, c) for r in range(args.rounds) for c in contenders]:  # interleaved
+            name = f"{contender}-{strategy}" + (f"-r{round_}" if args.rounds > 1 else "")
+            if contender in ("tuneforge", "tuneforge-baseline"):
+                src = args.baseline_src if contender == "tuneforge-baseline" else None
+                row = common.run_tuneforge(name, tuneforge_recipe(args, strategy, lr, train, dev, name), work, src=src)
             else:
                 mode = contender.split("-", 1)[1]
                 row = common.run_worker(name, "hf_text.py",
                                         hf_config(args, mode, strategy, lr, train, dev, model_dir, work.runs / name),
                                         work)
-            row.update(contender=contender, strategy=strategy, lr=lr)
+            row.update(contender=contender, strategy=strategy, lr=lr, round=round_)
             common.add_rates(row, samples, tokens)
             rows.append(row)
     common.add_ratios(rows)

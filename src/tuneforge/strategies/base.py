@@ -121,17 +121,6 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim <= 1 or name.endswith(".bias")
 
 
-def split_decay(named: list[tuple[str, torch.Tensor]], lr: float, weight_decay: float, tag: str) -> list[dict]:
-    decay = [p for n, p in named if p.requires_grad and not _no_decay(n, p)]
-    plain = [p for n, p in named if p.requires_grad and _no_decay(n, p)]
-    groups = []
-    if decay:
-        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": f"{tag}"})
-    if plain:
-        groups.append({"params": plain, "lr": lr, "weight_decay": 0.0, "name": f"{tag}.no_decay"})
-    return groups
-
-
 def is_head(name: str) -> bool:
     # peft wraps the head as `base_model.model.task_head.modules_to_save.default.*`
     return name.startswith("task_head.") or ".task_head." in name
@@ -241,14 +230,6 @@ def describe_lrs(groups: list[dict], info) -> str:
     return "learning rates: " + ", ".join(parts)
 
 
-def head_and_body_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float,
-                         is_head=lambda name: name.startswith("task_head.")) -> list[dict]:
-    named = list(model.named_parameters())
-    head = [(n, p) for n, p in named if is_head(n)]
-    body = [(n, p) for n, p in named if not is_head(n)]
-    return split_decay(body, lr, weight_decay, "backbone") + split_decay(head, head_lr, weight_decay, "head")
-
-
 def count_params(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -311,11 +292,6 @@ class FreezingStrategy:
         return fn
 
 # --------------------------------------------------------------------------- parameter-efficient strategies
-
-def is_head_param(name: str) -> bool:
-    """The task head, plain (``task_head.``) or as peft's modules_to_save copy (``....task_head....``)."""
-    return name.startswith("task_head.") or ".task_head." in name
-
 
 def freeze_norm_statistics(model: nn.Module) -> None:
     """Put BatchNorm layers whose scale is frozen into eval mode: a frozen backbone's running

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import TuneforgeError, suggest
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from .schema import Section as _Section
+# re-exported: strategy modules once imported them from here
+from .strategies.options import NAME_DOC, StrategyOptions  # noqa: F401
 
 
 class ModelSection(_Section):
@@ -103,18 +102,6 @@ class DataSection(_Section):
         override = self.columns.get(split)  # type: ignore[call-overload]
         value = getattr(override, f"{role}_column", None) if override else None
         return value or getattr(self, f"{role}_column")
-
-
-NAME_DOC = ("How the pretrained model is adapted: full, linear-probe, partial, gradual-unfreeze, lora, bitfit, adapters, "
-            "ia3, prompt-tuning, prefix-tuning, or auto (see the Strategies section).")
-
-
-class StrategyOptions(_Section):
-    """Base of every strategy's options; each strategy module registers a subclass."""
-
-    name: str = Field("full", description=NAME_DOC)
-    # the input modalities the strategy applies to (checked against task.type)
-    modalities: ClassVar[tuple[str, ...]] = ("text", "image")
 
 
 class EarlyStopping(_Section):

@@ -43,7 +43,9 @@ class Task(Protocol):
     reference) -> ``loader`` -> ``forward`` (every step; ``{"loss", "logits", ...}``) and
     ``metrics`` (a fresh streaming accumulator per evaluation) -> ``after_training`` (extra
     metrics such as generation; ``{}`` when none) -> ``settings`` (saved with the model).
-    Prediction uses ``encode_inputs`` and, for classifiers, ``probabilities``.
+    Beyond a run, by kind: classifiers (``generative`` False) offer ``encode_inputs`` and
+    ``probabilities`` for prediction, serving and export; generative tasks offer ``tokenizer``,
+    ``template`` and ``build_template``/``build_template_named`` for generation and chat.
     """
 
     type: str
@@ -67,7 +69,6 @@ class Task(Protocol):
     def metrics(self, labels: "LabelMap"): ...
     def after_training(self, model: nn.Module, splits: dict, run, device, autocast, log) -> dict: ...
     def settings(self) -> dict: ...
-    def encode_inputs(self, inputs: list) -> dict: ...
 
 
 # --------------------------------------------------------------------------- labels

@@ -6,25 +6,32 @@ suggest the nearest valid key (checked before pydantic so the message can say
 combinations are errors that say what to change. The resolved recipe is dumped
 into every run directory, so a run can be repeated from its own folder.
 
-Strategy options are owned by each strategy module (one method, one module,
-one registration): ``strategy.name`` selects a registered options model and the
-rest of the ``strategy:`` block is validated against it.
+Strategy and task options are owned by each strategy and task module (one
+method, one module, one registration): ``strategy.name`` / ``task.type`` select a
+registered options model and the rest of the block is validated against it. Rules
+across sections live with the facts they read: each task's options (``check``),
+``tasks.options.check_task_fit``, and each strategy's options (``check``, from the
+strategy class's declared capabilities); this module only calls them.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import TuneforgeError, suggest
+from .schema import Section as _Section
+from .strategies.options import DEFAULT_STRATEGY, NAME_DOC, STRATEGY_NAMES, StrategyOptions
+from .tasks.options import DEFAULT_TASK, TASK_NAMES, GenerationSection, TaskOptions, check_task_fit, task_block_from_saved
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# re-exported: recipe.py is the public face of the schema
+__all__ = ["NAME_DOC", "GenerationSection", "Recipe", "StrategyOptions", "TaskOptions", "describe_fields",
+           "from_run_config", "load_recipe", "parse_override", "recipe_from_dict", "run_config_data",
+           "task_block_from_saved"]
 
 
 class ModelSection(_Section):
@@ -34,42 +41,6 @@ class ModelSection(_Section):
     key_map: Optional[str] = Field(None, description="Key-mapping hook for `weights`: a registered name (e.g. efficientnet_pytorch) or 'package.module:function'.")
     trust_remote_code: bool = Field(False, description="Allow a Hugging Face model directory to run its own Python code. Off unless you trust the source.")
     load_in_4bit: bool = Field(False, description="QLoRA: load the Hugging Face model's linear weights in 4-bit NF4 (bitsandbytes; CUDA only, extra 'qlora') and train LoRA adapters on top in bf16. Needs strategy lora.")
-
-
-class GenerationSection(_Section):
-    eval_prompts: int = Field(32, ge=0, description="causal-lm: after training, answer up to this many validation prompts and report exact match, ROUGE-L and BLEU against the reference replies (samples written to generations.jsonl); 0 turns it off.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest reply generated (evaluation, `tuneforge generate` and `chat`).")
-    sampled: bool = Field(True, description="Also evaluate one sampled reply per prompt (temperature/top_p) besides the greedy one.")
-    temperature: float = Field(0.7, gt=0, description="Sampling temperature.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling: sample from the smallest set of tokens holding this probability.")
-
-
-class TaskSection(_Section):
-    type: Literal["text-classification", "image-classification", "causal-lm", "preference"] = Field("text-classification", description="What the model learns to do: classify texts or images, continue text / follow instructions (causal-lm, a decoder LLM), or prefer chosen over rejected replies (preference: DPO/SimPO).")
-    format: Literal["auto", "chat", "prompt-completion", "alpaca", "text"] = Field("auto", description="causal-lm data shape: chat {messages: [{role, content}]}, prompt-completion {prompt, completion}, alpaca {instruction, input, output}, text {text} or a .txt file; auto detects it per record.")
-    chat_template: Literal["auto", "tokenizer", "chatml", "llama", "none"] = Field("auto", description="How conversations become text: the tokenizer's own template, ChatML, Llama-2 chat, or none (texts concatenated; EOS after each reply). auto: the tokenizer's template for chat data when it has one, else chatml; none for prompt-completion, alpaca and text.")
-    train_on: Literal["completion", "last-turn", "all"] = Field("completion", description="causal-lm: which tokens carry loss: every assistant reply (completion), only the last one, or the whole text including prompts.")
-    packing: bool = Field(True, description="causal-lm: pack several short examples into each row of max_length tokens; each example attends only to itself (position ids restart, block-diagonal attention), so the loss is the same as unpacked, with far less padding.")
-    generation: GenerationSection = Field(default_factory=GenerationSection, description="Generation settings (evaluation after training, `tuneforge generate`, `tuneforge chat`).")
-    loss: Literal["dpo", "simpo"] = Field("dpo", description="preference: DPO (against the frozen reference model; with LoRA the base with adapters disabled) or SimPO (reference-free, length-normalised).")
-    beta: float = Field(0.1, gt=0, description="preference: strength of the preference term (DPO's beta; SimPO uses 2.0-2.5 typically).")
-    simpo_gamma: float = Field(0.5, ge=0, description="preference, SimPO: target reward margin (gamma/beta ratio as in the SimPO paper).")
-    classifier: Literal["head", "label-words"] = Field("head", description="text-classification with a causal LM: a new linear head on pooled features (head), or score each label's words with the LM itself (label-words: constrained decoding of the label names; no new weights).")
-    label_prompt: str = Field("\nLabel:", description="classifier: label-words: text placed after each input before the label word is scored.")
-    label_words: dict[str, str] = Field(default_factory=dict, description="classifier: label-words: the words scored for each label, e.g. {pos: positive, neg: negative}; a label not listed is scored by its own name. Words that are one token of the model's tokenizer score in one forward pass; longer ones cost a pass per label.")
-    multi_label: bool = Field(False, description="Each example may carry several labels (sigmoid + binary cross-entropy).")
-    label_separator: str = Field(",", description="Separator between labels inside one cell for multi-label CSV/TSV data.")
-    max_length: Optional[int] = Field(None, ge=8, description="Maximum tokens per text (longer texts are truncated); default: the model's limit, capped at 512.")
-    truncation: Literal["truncate", "error"] = Field("truncate", description="Texts longer than max_length: cut them (and report how many), or stop with an error naming each row.")
-    pooling: Literal["mean", "cls", "last"] = Field("mean", description="How token features become one vector for the text head: mean over real tokens, the first ([CLS]) token, or the last real token (use last for decoder LLMs such as Llama, Qwen, GPT-2: only the last token has seen the whole text).")
-    image_size: Optional[int] = Field(None, ge=16, description="Square input size for images; default: the backbone's pretrained input size.")
-    head_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the classification head.")
-
-    @field_validator("label_words", mode="before")
-    @classmethod
-    def _words_as_text(cls, value: Any) -> Any:
-        # YAML reads `{0: negative, 1: positive}` with integer keys: labels are compared as text
-        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 class SplitColumns(_Section):
@@ -105,18 +76,6 @@ class DataSection(_Section):
         return value or getattr(self, f"{role}_column")
 
 
-NAME_DOC = ("How the pretrained model is adapted: full, linear-probe, partial, gradual-unfreeze, lora, bitfit, adapters, "
-            "ia3, prompt-tuning, prefix-tuning, or auto (see the Strategies section).")
-
-
-class StrategyOptions(_Section):
-    """Base of every strategy's options; each strategy module registers a subclass."""
-
-    name: str = Field("full", description=NAME_DOC)
-    # the input modalities the strategy applies to (checked against task.type)
-    modalities: ClassVar[tuple[str, ...]] = ("text", "image")
-
-
 class EarlyStopping(_Section):
     patience: Optional[int] = Field(None, ge=1, description="Stop after this many evaluations without improvement; null disables early stopping.")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change of the monitored metric that counts as an improvement.")
@@ -143,7 +102,7 @@ class TrainSection(_Section):
     deterministic: bool = Field(False, description="Use deterministic algorithms (slower; bit-exact repeat runs).")
     eval_every: Optional[int] = Field(None, ge=1, description="Evaluate every N optimizer steps; default once per epoch.")
     log_every: int = Field(10, ge=1, description="Write a training-loss line to metrics.jsonl every N optimizer steps.")
-    metric_for_best: Optional[str] = Field(None, description="Validation metric that picks the best checkpoint and drives early stopping: loss, accuracy, subset_accuracy (multi-label), precision/recall/f1 _macro/_micro/_weighted, roc_auc, ece; perplexity (causal-lm); reward_accuracy, reward_margin (preference). Loss, ece and perplexity are minimised. Default: accuracy for classification, loss for causal-lm and preference.")
+    metric_for_best: Optional[str] = Field(None, description="Validation metric that picks the best checkpoint and drives early stopping: one of the task's validation metrics (listed with each task in the Tasks section, with its default). Loss, ece and perplexity are minimised.")
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping, description="Early stopping on metric_for_best.")
     save_every: Optional[int] = Field(None, ge=1, description="Also write a checkpoint every N optimizer steps (the best one is always kept).")
     keep_checkpoints: int = Field(2, ge=1, description="Periodic checkpoints kept on disk (oldest removed first).")
@@ -200,18 +159,33 @@ class Recipe(_Section):
     """A complete, reproducible description of one fine-tuning run."""
 
     model: ModelSection = Field(default_factory=ModelSection, description="The pretrained model to adapt.")
-    task: TaskSection = Field(default_factory=TaskSection, description="What the model learns.")
+    task: TaskOptions = Field(default_factory=lambda: _options_for_task(DEFAULT_TASK)(), description="What the model learns.")
     data: DataSection = Field(default_factory=DataSection, description="Where the examples come from.")
     strategy: StrategyOptions = Field(default_factory=StrategyOptions, description="Which parameters train, and how.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
     retain: RetainSection = Field(default_factory=RetainSection, description="Forgetting: what the model should keep knowing.")
     output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
 
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_options(cls, value: Any) -> Any:
+        if isinstance(value, TaskOptions):
+            value = value.model_dump()
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            # ValueError, not TypeError: pydantic turns only ValueError into a validation error
+            raise ValueError(f"task must be a mapping such as {{type: {DEFAULT_TASK}, max_length: 128}}, "
+                             f"got {type(value).__name__}")
+        value = dict(value)
+        kind = value.setdefault("type", DEFAULT_TASK)
+        if not isinstance(kind, str):
+            raise ValueError(f"task.type must be a task name (see `tuneforge options`), got {kind!r}")
+        return _options_for_task(kind).model_validate(value)
+
     @field_validator("strategy", mode="before")
     @classmethod
     def _strategy_options(cls, value: Any) -> Any:
-        from .strategies import options_class
-
         if isinstance(value, StrategyOptions):
             value = value.model_dump()
         if value is None:
@@ -220,61 +194,22 @@ class Recipe(_Section):
             # ValueError, not TypeError: pydantic turns only ValueError into a validation error
             raise ValueError(f"strategy must be a mapping such as {{name: lora, rank: 8}}, got {type(value).__name__}")
         value = dict(value)
-        name = value.setdefault("name", "full")
+        name = value.setdefault("name", DEFAULT_STRATEGY)
         if not isinstance(name, str):
-            raise ValueError(f"strategy.name must be a strategy name (full, linear-probe, partial, lora, ...; see `tuneforge options`), got {name!r}")
-        return options_class(name).model_validate(value)
+            raise ValueError(f"strategy.name must be a strategy name (see `tuneforge options`), got {name!r}")
+        return _options_for_strategy(name).model_validate(value)
 
     @model_validator(mode="after")
     def _combinations(self) -> "Recipe":
-        if self.task.type == "image-classification":
-            if self.task.multi_label:
-                raise ValueError("task.multi_label is only supported for text-classification so far; set task.multi_label: false")
-        from .models.aliases import ALIASES
-
-        alias = ALIASES.get(self.model.name)
-        wanted = "image" if self.task.type == "image-classification" else "text"
-        if self.task.type in ("causal-lm", "preference"):
-            if alias is not None:
-                raise ValueError(
-                    f"model '{self.model.name}' is a {alias.modality} encoder, but task.type {self.task.type} needs a "
-                    "decoder language model: set model.name to a local Hugging Face directory of a Llama, Qwen, "
-                    "GPT-2 (or similar) model")
-            if self.strategy.name in ("linear-probe", "auto", "gradual-unfreeze"):
-                raise ValueError(
-                    f"strategy {self.strategy.name} is for classifiers (it trains or schedules a new task head); a "
-                    f"{self.task.type} run keeps the model's own LM head — use lora (the usual choice), full, partial, "
-                    "adapters, ia3, bitfit or prompt-tuning")
-        if self.task.classifier == "label-words" or self.task.label_words:
-            self._check_label_words(alias)
-        if alias is not None and alias.modality != wanted:
-            others = [n for n, a in ALIASES.items() if a.modality == wanted]
-            raise ValueError(
-                f"model '{self.model.name}' is a {alias.modality} model but task.type is {self.task.type}; "
-                f"use {'an' if wanted == 'image' else 'a'} {wanted} model (e.g. {', '.join(others)}) or change task.type"
-            )
-        if wanted not in type(self.strategy).modalities:
-            raise ValueError(
-                f"strategy {self.strategy.name} works on {' and '.join(type(self.strategy).modalities)} models only, but "
-                f"task.type is {self.task.type}; for images use lora, adapters, ia3, bitfit, partial or full")
-        if self.model.load_in_4bit and self.strategy.name != "lora":
-            raise ValueError("model.load_in_4bit (QLoRA) trains LoRA adapters on a frozen 4-bit base: set "
-                             f"strategy.name: lora (got {self.strategy.name}), or load_in_4bit: false")
-        if self.output.merge:
-            from .strategies import strategy_class
-
-            if not getattr(strategy_class(self.strategy.name), "mergeable", False):
-                raise ValueError(
-                    f"output.merge folds a LoRA/IA3 update into the base weights; strategy {self.strategy.name} has "
-                    "nothing to fold (its weights are already plain, or its adapters are non-linear) — "
-                    "set output.merge: false, or use strategy lora / ia3")
+        # each rule lives with the facts it reads; here they are only called, in this order
+        self.task.check(self)  # the task's own rules (label-words needs a decoder, ...)
+        check_task_fit(self)  # task vs model and strategy: modality, task head
+        self.strategy.check(self)  # the strategy's capabilities vs the rest (QLoRA, output.merge)
         from .evaluation.names import check_metric_name
 
-        generative = self.task.type in ("causal-lm", "preference")
         if self.train.metric_for_best is None:
-            self.train.metric_for_best = "loss" if generative else "accuracy"
-        check_metric_name(self.train.metric_for_best, self.task.multi_label,
-                          task=self.task.type if generative else None)
+            self.train.metric_for_best = type(self.task).default_metric
+        check_metric_name(self.train.metric_for_best, task=self.task)
         r = self.retain
         if r.data is None and (r.head_from or r.max_drop is not None or r.label_column):
             raise ValueError("retain.head_from / max_drop / label_column need retain.data: the inputs to measure on")
@@ -284,34 +219,35 @@ class Recipe(_Section):
             self.train.eval_batch_size = 2 * self.train.batch_size
         return self
 
-    def _check_label_words(self, alias) -> None:
-        t = self.task
-        if t.classifier != "label-words":
-            raise ValueError("task.label_words only applies with task.classifier: label-words; set that, or remove "
-                             "task.label_words")
-        if t.type != "text-classification":
-            raise ValueError(f"task.classifier: label-words is for text-classification, not {t.type}; "
-                             "remove task.classifier")
-        if alias is not None:
-            raise ValueError(
-                f"model '{self.model.name}' is a {alias.modality} encoder, but task.classifier: label-words scores "
-                "the label words with a decoder language model's own head: set model.name to a local Hugging Face "
-                "directory of a Llama, Qwen, GPT-2 (or similar) model, or use task.classifier: head")
-        if t.multi_label:
-            raise ValueError("task.classifier: label-words picks one label per text (the most likely words); for "
-                             "multi-label data use task.classifier: head")
-        if self.strategy.name in ("linear-probe", "auto", "gradual-unfreeze"):
-            raise ValueError(
-                f"strategy {self.strategy.name} trains or schedules a new task head, and task.classifier: "
-                "label-words has none (the LM's own head scores the labels) — use lora, full, partial, bitfit, "
-                "adapters, ia3 or prompt-tuning")
-
     def dump(self) -> dict:
         """The resolved recipe as plain data (every default filled in)."""
         return self.model_dump(mode="json", serialize_as_any=True)
 
 
 # --------------------------------------------------------------------------- loading
+
+def _options_for_task(kind: str) -> type[TaskOptions]:
+    from .tasks import task_options_class  # the registry fills as task modules import: only on use
+
+    return task_options_class(kind)
+
+
+def _options_for_strategy(name: str) -> type[StrategyOptions]:
+    from .strategies import options_class
+
+    return options_class(name)
+
+
+def _owners(kind: str) -> dict[str, type]:
+    """Every registered options class of ``kind`` by name: which one declares a misplaced key."""
+    if kind == "task":
+        from .tasks import task_names
+
+        return {n: _options_for_task(n) for n in task_names()}
+    from .strategies import strategy_names
+
+    return {n: _options_for_strategy(n) for n in strategy_names()}
+
 
 def _sections(model_cls: type[BaseModel]) -> dict[str, Any]:
     return dict(model_cls.model_fields)
@@ -332,21 +268,28 @@ def _check_keys(data: Any, model_cls: type[BaseModel], path: str) -> None:
     """Reject unknown keys with a did-you-mean, before pydantic sees them."""
     if not isinstance(data, dict):
         return
-    if model_cls is StrategyOptions:
-        from .strategies import options_class
-
-        try:
-            model_cls = options_class(str(data.get("name", "full")))
-        except TuneforgeError:
-            return  # the unknown strategy name is reported by validation
+    kind, scope = "", ""
+    try:  # a registered block: its selector picks the options class whose keys are valid
+        if model_cls is StrategyOptions:
+            kind, selected = "strategy", str(data.get("name", DEFAULT_STRATEGY))
+            model_cls = _options_for_strategy(selected)
+        elif model_cls is TaskOptions:
+            kind, selected = "task", str(data.get("type", DEFAULT_TASK))
+            model_cls = _options_for_task(selected)
+    except TuneforgeError:
+        return  # an unknown strategy name or task type is reported by validation
+    if kind:
+        scope = f" (for {kind} '{selected}')"
     fields = _sections(model_cls)
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in fields:
             valid = ", ".join(fields)
-            scope = f" (for strategy '{data.get('name', 'full')}')" if path == "strategy" else ""
+            # an option of another task or strategy: say whose, the likely mix-up
+            elsewhere = [name for name, cls in _owners(kind).items() if key in cls.model_fields] if kind else []
+            hint = f" ('{key}' is an option of {kind} {', '.join(elsewhere)})" if elsewhere else ""
             raise TuneforgeError(
-                f"unknown recipe key '{where}'{suggest(str(key), fields)}; valid keys here{scope} are: {valid}"
+                f"unknown recipe key '{where}'{suggest(str(key), fields)}{hint}; valid keys here{scope} are: {valid}"
             )
         annotation = fields[key].annotation
         nested = _nested_model(annotation)
@@ -451,15 +394,62 @@ def _resolve_relative_paths(data: dict, base: Path) -> dict:
 
 
 def describe_fields(model_cls: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, description) for every field: the source for docs and `tuneforge validate --explain`."""
+    """(key, default, description) for every field: the source for docs and `tuneforge validate --explain`.
+    ``task`` and ``strategy`` show their common base (the selector); each task's and strategy's
+    own options are described from ``tasks.task_options_class`` / ``strategies.options_class``."""
     rows = []
     for name, field in model_cls.model_fields.items():
         key = f"{prefix}{name}"
         nested = _nested_model(field.annotation)
+        description = render_description(field.description or "")
         if nested is not None and getattr(field.annotation, "__origin__", None) is not dict:
-            rows.append((key, "", field.description or ""))
+            rows.append((key, "", description))
             rows.extend(describe_fields(nested, key + "."))
         else:
             default = field.get_default(call_default_factory=True)
-            rows.append((key, repr(default), field.description or ""))
+            rows.append((key, repr(default), description))
     return rows
+
+
+def render_description(text: str) -> str:
+    """A field description with the registered names filled in (they are known only once every
+    strategy and task module has registered, after the descriptions were written)."""
+    if STRATEGY_NAMES in text:
+        from .strategies import strategy_names
+
+        text = text.replace(STRATEGY_NAMES, _either(strategy_names()))
+    if TASK_NAMES in text:
+        from .tasks import task_names
+
+        text = text.replace(TASK_NAMES, _either(task_names()))
+    return text
+
+
+def _either(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+# --------------------------------------------------------------------------- recipes saved by runs
+
+def run_config_data(data: dict) -> dict:
+    """A recipe saved by a run (``config.yaml``) as plain data in today's shape. Runs written
+    before each task owned its options hold every task's fields in ``task:``; the fields the
+    selected task does not declare are dropped. Only for recipes read from a run, never a user's."""
+    if not isinstance(data, dict):
+        return data
+    data = copy.deepcopy(data)
+    if "task" in data:
+        data["task"] = task_block_from_saved(data["task"])
+    return data
+
+
+def from_run_config(source: str | Path | dict) -> Recipe:
+    """The recipe of a run: its ``config.yaml`` (a path) or that file's data, old runs included."""
+    if isinstance(source, dict):
+        return recipe_from_dict(run_config_data(source), "(run config)")
+    path = Path(source)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise TuneforgeError(f"cannot read the run's recipe {path} ({err})") from None
+    return recipe_from_dict(run_config_data(data), str(path))

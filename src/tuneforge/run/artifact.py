@@ -98,7 +98,7 @@ def _load_base(meta: dict, directory: Path):
 
 def load_model_dir(directory: Path):
     """-> (model in eval mode, task, labels, meta)."""
-    from ..recipe import recipe_from_dict
+    from ..recipe import recipe_from_dict, task_block_from_saved
     from ..tasks import LabelMap, get_task
 
     directory = Path(directory)
@@ -112,7 +112,9 @@ def load_model_dir(directory: Path):
         )
     meta = json.loads(meta_path.read_text())
     labels = LabelMap.from_json(json.loads((directory / "labels.json").read_text()))
-    recipe = recipe_from_dict({"task": meta["task"], "model": meta["base_model"], "strategy": {"name": meta["strategy"]}})
+    # models saved before each task owned its options hold every task's fields: keep the task's own
+    task_block = task_block_from_saved(meta["task"])
+    recipe = recipe_from_dict({"task": task_block, "model": meta["base_model"], "strategy": {"name": meta["strategy"]}})
     task = get_task(recipe)
     loaded = _load_base(meta, directory)
     task.attach(loaded)

@@ -199,7 +199,7 @@ def build_data(job) -> None:
     job.loaders = {k: task.loader(d, cfg.batch_size if k == "train" else cfg.eval_batch_size, train=k == "train",
                                   seed=cfg.seed) for k, d in job.datasets.items()}
     job.add_time("preprocess_s", time.perf_counter() - t0)
-    truncated = task.settings().get("truncated", {})
+    truncated = task.truncated
     if any(truncated.values()):
         job.log(f"[yellow]truncated to {task.max_length} tokens[/]: "
                 + ", ".join(f"{k} {v}" for k, v in truncated.items() if v) + " text(s) (set task.max_length to change)")

@@ -59,7 +59,9 @@ def find_run_to_resume(spec: str, recipe, origin: str | None) -> Path:
 
 def check_same_run(run_dir: Path, recipe, fingerprints: dict) -> None:
     """Refuse to resume when the recipe or the data differ from the run's own."""
-    saved = _flatten(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    from ..recipe import run_config_data  # a run from before tasks owned their options saved them all
+
+    saved = _flatten(run_config_data(yaml.safe_load((run_dir / "config.yaml").read_text())))
     now = _flatten(recipe.dump())
     diffs = [k for k in sorted(set(saved) | set(now))
              if not k.startswith(_FREE) and saved.get(k) != now.get(k)]

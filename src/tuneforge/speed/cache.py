@@ -54,7 +54,7 @@ class FeatureCache:
         from ..engine.activation_cache import build_cached_loaders
 
         modality = modality_of(job.task.modality)
-        settings = {**_settings(job), "pooling": getattr(job.recipe.task, "pooling", None),
+        settings = {**_settings(job), "pooling": job.recipe.task.pooling,
                     "precision": _precision(job)}
         job.loaders = build_cached_loaders(job.model, job.datasets, batches=_batches(job), digest=modality.digest,
                                            inputs=modality.model_inputs, settings=settings, cfg=job.cfg,

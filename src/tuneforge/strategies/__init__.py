@@ -2,33 +2,38 @@
 
 Each module defines an options model (a ``StrategyOptions`` subclass holding its
 recipe fields) and a strategy class, and registers both with ``@register``.
-Adding a strategy never edits the engine or the recipe schema.
+Adding a strategy never edits the engine or the recipe schema: the modules of this
+package are discovered, not listed, and every list a user sees (docs, errors) is
+read from the registry.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
-from ..errors import TuneforgeError, suggest
-from .base import Strategy, describe_trainable, register, registry
+from ..schema import lookup
+from .options import StrategyOptions, register, registry, unregister
 
-# Built-in strategy modules; importing them runs their @register.
-_BUILTIN = ("full", "linear_probe", "partial", "lora", "gradual_unfreeze", "auto", "bitfit", "adapters", "ia3",
-            "prompt_tuning", "prefix_tuning")
+# Modules of this package that register no strategy (shared code).
+_HELPERS = frozenset({"base", "merge", "options"})
+_loaded = False
 
 
 def _load_builtins() -> None:
-    for mod in _BUILTIN:
-        importlib.import_module(f"{__name__}.{mod}")
+    """Import every strategy module of the package once; importing one runs its @register."""
+    global _loaded
+    if _loaded:
+        return
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in _HELPERS and not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+    _loaded = True
 
 
 def options_class(name: str):
     _load_builtins()
-    if name not in registry:
-        raise TuneforgeError(
-            f"unknown strategy '{name}'{suggest(name, registry)}; choose one of: {', '.join(sorted(registry))} (strategy.name)"
-        )
-    return registry[name][0]
+    return lookup("strategy", name, registry, "strategy.name")[0]
 
 
 def get_strategy(options) -> Strategy:
@@ -46,4 +51,21 @@ def strategy_names() -> list[str]:
     return sorted(registry)
 
 
-__all__ = ["Strategy", "get_strategy", "options_class", "strategy_class", "strategy_names", "register", "describe_trainable"]
+def strategies_where(predicate, modality: str | None = None) -> list[str]:
+    """Names of the strategies whose class satisfies ``predicate`` (and that apply to
+    ``modality``): the suggestions in error messages, read from declared capabilities."""
+    return [n for n in strategy_names() if predicate(registry[n][1])
+            and (modality is None or modality in registry[n][0].modalities)]
+
+
+def __getattr__(name: str):
+    # torch-free until a strategy is needed: `import tuneforge.recipe` must not load torch
+    if name in ("Strategy", "describe_trainable"):
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Strategy", "get_strategy", "options_class", "strategy_class", "strategy_names", "strategies_where",
+           "register", "unregister", "describe_trainable", "StrategyOptions"]

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import TuneforgeError
 from ..models.info import FAMILIES, adapter_points
-from ..recipe import NAME_DOC, StrategyOptions
+from .options import NAME_DOC, StrategyOptions
 from .base import EfficientStrategy, register
 
 

@@ -20,7 +20,7 @@ from typing import Optional
 from pydantic import Field
 
 from ..errors import TuneforgeError
-from ..recipe import NAME_DOC, StrategyOptions
+from .options import NAME_DOC, StrategyOptions
 from .base import register
 
 CANDIDATES = ("linear-probe", "partial", "lora", "full")

@@ -15,18 +15,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-registry: dict[str, tuple[type, type]] = {}
-
-
-def register(name: str, options_cls: type):
-    """Class decorator: ``@register("lora", LoraOptions)``."""
-
-    def wrap(cls):
-        registry[name] = (options_cls, cls)
-        cls.name = name
-        return cls
-
-    return wrap
+# the registry lives in the light options module (the recipe reads it without torch); re-exported
+# here because every strategy module imports ``register`` from its base
+from .options import register, registry, unregister  # noqa: F401
 
 
 class Strategy(Protocol):

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import TuneforgeError
 from ..models.info import unused_modules
-from ..recipe import NAME_DOC, StrategyOptions
+from .options import NAME_DOC, StrategyOptions
 from .base import EfficientStrategy, register
 
 

@@ -2,7 +2,7 @@
 
 from pydantic import Field
 
-from ..recipe import NAME_DOC, StrategyOptions
+from .options import NAME_DOC, StrategyOptions
 from .base import FreezingStrategy, register
 
 

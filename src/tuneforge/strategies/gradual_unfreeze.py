@@ -23,7 +23,7 @@ from torch import nn
 
 from ..engine.callbacks import Callback, MetricsLog
 from ..errors import TuneforgeError
-from ..recipe import NAME_DOC, StrategyOptions
+from .options import NAME_DOC, StrategyOptions
 from .base import FreezingStrategy, backbone_groups, params_of, register
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import TuneforgeError
 from ..models.info import ia3_points
-from ..recipe import NAME_DOC, StrategyOptions
+from .options import NAME_DOC, StrategyOptions
 from .base import EfficientStrategy, module_listing, register
 
 

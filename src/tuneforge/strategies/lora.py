@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import TuneforgeError
 from ..models.info import _lora_capable, unused_modules
-from ..recipe import NAME_DOC, StrategyOptions
+from .options import NAME_DOC, StrategyOptions
 from .base import EfficientStrategy, module_listing, register
 
 

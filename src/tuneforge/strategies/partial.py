@@ -3,7 +3,7 @@
 from pydantic import Field
 
 from ..errors import TuneforgeError
-from ..recipe import NAME_DOC, StrategyOptions
+from .options import NAME_DOC, StrategyOptions
 from .base import FreezingStrategy, register
 
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 from pydantic import Field
 from torch import nn
 
-from ..recipe import NAME_DOC, StrategyOptions
+from .options import NAME_DOC, StrategyOptions
 from .base import EfficientStrategy, register
 from .prompt_tuning import wrap_prompt_learning
 

@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import TuneforgeError
-from ..recipe import NAME_DOC, StrategyOptions
+from .options import NAME_DOC, StrategyOptions
 from .base import EfficientStrategy, register
 
 

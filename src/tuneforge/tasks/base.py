@@ -15,16 +15,63 @@ from ..errors import TuneforgeError
 
 
 class Task(Protocol):
+    """What a run (``run/``, ``engine/``, ``deploy/``) may know about a task: the attributes and
+    methods below, nothing else. Every task class declares each of them (the classification and
+    causal-LM classes carry the defaults), so callers never probe with ``hasattr``/``getattr``
+    and never compare ``type``. A task registers with ``@register_task(name, OptionsClass)``
+    (``tasks/options.py``); its options class holds its ``task:`` keys and the facts the recipe
+    needs before any task is built (modality, metrics, its own rules).
+
+    Declared capabilities (class attributes, or properties where an option decides):
+
+    - ``type``: the registered name (set by ``register_task``).
+    - ``modality``: ``"text"`` or ``"image"``: which models load, how inputs are collated, cached
+      and exported (the options class declares the same value; the task reads it from there).
+    - ``generative``: it writes text rather than predicting labels (predict refuses it; generate,
+      chat and the causal-LM exporters take it).
+    - ``needs_lm_head``: the model must load with its language-model head (causal-lm, label-words).
+    - ``has_task_head``: the model has a new ``task_head`` (classification with ``classifier: head``).
+    - ``cacheable``: frozen parts' outputs may be cached (the activation and prefix caches store
+      a task head's input, so a task without one says False).
+    - ``max_length``: the token limit of text inputs (None for images); set by ``attach``, and a
+      strategy's virtual tokens may lower it.
+    - ``truncated``: ``{split: number of inputs cut to max_length}``, filled by ``dataset``.
+
+    Methods, in the order a run calls them: ``read`` -> ``record_labels`` (stratified splits) ->
+    ``label_map`` -> ``attach(loaded)`` (tokenizer, limits) -> ``build_model`` -> ``dataset`` ->
+    ``loader`` -> ``before_training`` (once, with the untrained weights, before the first step;
+    a no-op unless the loss needs a frozen reference, as DPO's does) -> ``forward`` (every step;
+    ``{"loss", "logits", ...}``) and ``metrics`` (a fresh streaming accumulator per evaluation) -> ``after_training`` (extra
+    metrics such as generation; ``{}`` when none) -> ``settings`` (saved with the model),
+    and ``restore(settings)`` when a saved run is loaded.
+    Beyond a run, by kind: classifiers (``generative`` False) offer ``encode_inputs`` and
+    ``probabilities`` for prediction, serving and export; generative tasks offer ``tokenizer``,
+    ``template`` and ``build_template``/``build_template_named`` for generation and chat.
+    """
+
+    type: str
     modality: str
+    generative: bool
+    needs_lm_head: bool
+    has_task_head: bool
+    cacheable: bool
+    max_length: int | None
+    truncated: dict[str, int]
 
     def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list: ...
+    def record_labels(self, record) -> list: ...
     def label_map(self, train_records: list) -> "LabelMap": ...
+    def attach(self, loaded) -> None: ...
     def build_model(self, loaded, labels: "LabelMap") -> nn.Module: ...
     def dataset(self, records: list, labels: "LabelMap", split: str) -> torch.utils.data.Dataset: ...
     def loader(self, dataset, batch_size: int, *, train: bool, seed: int) -> torch.utils.data.DataLoader: ...
+    def collate(self, items: list[dict]) -> dict: ...
+    def before_training(self, model: nn.Module, datasets: dict, device, autocast, run_dir, log) -> None: ...
     def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]: ...
     def metrics(self, labels: "LabelMap"): ...
+    def after_training(self, model: nn.Module, splits: dict, run, device, autocast, log) -> dict: ...
     def settings(self) -> dict: ...
+    def restore(self, settings: dict) -> None: ...
 
 
 # --------------------------------------------------------------------------- labels
@@ -133,14 +180,18 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "features", "pref
 class ClassificationTask:
     """Shared by text and image classification (one level of inheritance only)."""
 
+    # declared capabilities (see Task); text classification with label-words overrides the head ones
     modality = "text"
     generative = False     # writes text (generate/chat) instead of predicting labels
     needs_lm_head = False  # the model loads with its LM head (label-words)
+    has_task_head = True   # a new head on pooled features (label-words: the LM scores the labels)
     cacheable = True       # a head on pooled features: frozen parts may be cached (speed/cache.py)
+    max_length: int | None = None
 
     def __init__(self, recipe):
         self.recipe = recipe
         self.multi_label = recipe.task.multi_label
+        self.truncated: dict[str, int] = {}
 
     # -- labels
     def record_labels(self, record) -> list[Any]:

@@ -17,8 +17,10 @@ full-logits implementation does and never builds the (batch, length, vocab) logi
 from __future__ import annotations
 
 import math
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -28,6 +30,35 @@ from ..errors import TuneforgeError
 from ..llm.model import LM_HEAD_ROWS_MULTIPLE, CausalLM, _wrapped, core_model  # noqa: F401 - re-exported
 from ..llm.templates import IGNORE, Template, resolve_template
 from .base import LabelMap
+from .options import TYPE_DOC, ChatTemplate, Generation, MaxLength, TaskOptions, refuse_encoder_alias, register_task
+
+
+class CausalLMOptions(TaskOptions):
+    """Supervised / instruction fine-tuning and continued pre-training of a decoder LLM on chat, prompt-completion, Alpaca or plain-text data: next-token loss (on the replies by default) through the model's own LM head; no new weights on top."""
+
+    type: str = Field("causal-lm", description=TYPE_DOC)
+    format: Literal["auto", "chat", "prompt-completion", "alpaca", "text"] = Field("auto", description="causal-lm data shape: chat {messages: [{role, content}]}, prompt-completion {prompt, completion}, alpaca {instruction, input, output}, text {text} or a .txt file; auto detects it per record.")
+    chat_template: ChatTemplate = "auto"
+    train_on: Literal["completion", "last-turn", "all"] = Field("completion", description="causal-lm: which tokens carry loss: every assistant reply (completion), only the last one, or the whole text including prompts.")
+    packing: bool = Field(True, description="causal-lm: pack several short examples into each row of max_length tokens; each example attends only to itself (position ids restart, block-diagonal attention), so the loss is the same as unpacked, with far less padding.")
+    generation: Generation
+    max_length: MaxLength = None
+
+    default_metric: ClassVar[str] = "loss"
+
+    @property
+    def task_has_head(self) -> bool:
+        return False
+
+    @property
+    def no_head_reason(self) -> str:
+        return f"a {self.type} run keeps the model's own LM head (nothing new is learned on top)"
+
+    def metric_names(self) -> list[str]:
+        return ["loss", "perplexity"]
+
+    def check(self, recipe) -> None:
+        refuse_encoder_alias(recipe, f"task.type {self.type} needs")
 
 # Longest row by default: the model's own limit, capped (attention cost grows with its square).
 DEFAULT_MAX_LENGTH = 1024
@@ -66,10 +97,13 @@ class LMMetrics:
         return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4), "target_tokens": self.tokens}
 
 
+@register_task("causal-lm", CausalLMOptions)
 class CausalLMTask:
-    modality = "text"
+    # declared capabilities (see tasks.base.Task)
+    modality = CausalLMOptions.modality
     generative = True
     needs_lm_head = True
+    has_task_head = False  # the LM head is the model's own
     cacheable = False  # every layer's input changes as the model trains: nothing to cache
 
     def __init__(self, recipe):

@@ -8,12 +8,40 @@ backbone was pretrained on) lives in ``tuneforge.data.images``.
 from __future__ import annotations
 
 import os
+from typing import ClassVar, Optional
 
 import torch
+from pydantic import Field
 from torch.utils.data import DataLoader
 
 from ..data.batching import EpochBatchSampler
+from ..evaluation.names import metric_names
 from .base import ClassificationTask, LabelMap
+from .options import TYPE_DOC, HeadDropout, TaskOptions, register_task
+
+
+class ImageClassificationOptions(TaskOptions):
+    """One label per image, from an image folder (one sub-folder per class) or a manifest of image paths; the backbone's pooled features feed a new linear head."""
+
+    type: str = Field("image-classification", description=TYPE_DOC)
+    image_size: Optional[int] = Field(None, ge=16, description="Square input size for images; default: the backbone's pretrained input size.")
+    head_dropout: HeadDropout = 0.1
+
+    modality: ClassVar[str] = "image"
+    default_metric: ClassVar[str] = "accuracy"
+    # Facts, not options: images carry one label each here (multi-label images are not supported,
+    # so `task.multi_label` is an unknown key), and a timm backbone built with num_classes=0 pools
+    # its own features. Declared so the code shared with text classification, and the activation
+    # cache's key, read the values they always read.
+    multi_label: ClassVar[bool] = False
+    pooling: ClassVar[str] = "mean"
+
+    def metric_names(self) -> list[str]:
+        return metric_names(multi_label=False)
+
+    @property
+    def metric_kind(self) -> str:
+        return "single-label"
 
 
 
@@ -29,8 +57,9 @@ def default_workers(device: str) -> int:
 
     return 1 if resolve_device(device).type == "cuda" and (os.cpu_count() or 1) >= 2 else 0
 
+@register_task("image-classification", ImageClassificationOptions)
 class ImageClassification(ClassificationTask):
-    modality = "image"
+    modality = ImageClassificationOptions.modality
 
     def __init__(self, recipe):
         super().__init__(recipe)

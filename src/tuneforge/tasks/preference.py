@@ -37,8 +37,10 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
@@ -47,6 +49,7 @@ from ..data.records import Record
 from ..errors import TuneforgeError
 from ..llm.templates import IGNORE, Rendered
 from .causal_lm import CausalLMTask, core_model
+from .options import TYPE_DOC, ChatTemplate, Generation, MaxLength, TaskOptions, refuse_encoder_alias, register_task
 
 REFERENCE_FILE = "reference_logps.safetensors"
 SIDES = ("chosen", "rejected")
@@ -158,6 +161,35 @@ class PreferenceMetrics:
                 "rejected_reward": round(rejected, 6), "pairs": self.pairs}
 
 
+class PreferenceOptions(TaskOptions):
+    """Learn to prefer the chosen reply over the rejected one (prompt/chosen/rejected records) with DPO or SimPO, on a decoder LLM and its own LM head."""
+
+    type: str = Field("preference", description=TYPE_DOC)
+    chat_template: ChatTemplate = "auto"
+    generation: Generation
+    loss: Literal["dpo", "simpo"] = Field("dpo", description="preference: DPO (against the frozen reference model; with LoRA the base with adapters disabled) or SimPO (reference-free, length-normalised).")
+    beta: float = Field(0.1, gt=0, description="preference: strength of the preference term (DPO's beta; SimPO uses 2.0-2.5 typically).")
+    simpo_gamma: float = Field(0.5, ge=0, description="preference, SimPO: target reward margin (gamma/beta ratio as in the SimPO paper).")
+    max_length: MaxLength = None
+
+    default_metric: ClassVar[str] = "loss"
+
+    @property
+    def task_has_head(self) -> bool:
+        return False
+
+    @property
+    def no_head_reason(self) -> str:
+        return f"a {self.type} run keeps the model's own LM head (nothing new is learned on top)"
+
+    def metric_names(self) -> list[str]:
+        return ["loss", "reward_accuracy", "reward_margin"]
+
+    def check(self, recipe) -> None:
+        refuse_encoder_alias(recipe, f"task.type {self.type} needs")
+
+
+@register_task("preference", PreferenceOptions)
 class PreferenceTask(CausalLMTask):
     """The causal-lm task's model, tokenizer and templates; pairs, losses and metrics of its own."""
 

@@ -9,12 +9,68 @@ by ``task.label_prompt``, which truncation never cuts.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar, Literal
+
 import torch
+from pydantic import Field, field_validator
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.batching import EpochBatchSampler
 from ..errors import TuneforgeError
+from ..evaluation.names import metric_names
 from .base import ClassificationTask, LabelMap
+from .options import TYPE_DOC, HeadDropout, MaxLength, TaskOptions, refuse_encoder_alias, register_task
+
+
+class TextClassificationOptions(TaskOptions):
+    """Single- or multi-label classification of texts: pooled token features and a new linear head, or (with a causal LM) the LM scoring each label's words. Multi-label runs also report subset_accuracy."""
+
+    type: str = Field("text-classification", description=TYPE_DOC)
+    classifier: Literal["head", "label-words"] = Field("head", description="text-classification with a causal LM: a new linear head on pooled features (head), or score each label's words with the LM itself (label-words: constrained decoding of the label names; no new weights).")
+    label_prompt: str = Field("\nLabel:", description="classifier: label-words: text placed after each input before the label word is scored.")
+    label_words: dict[str, str] = Field(default_factory=dict, description="classifier: label-words: the words scored for each label, e.g. {pos: positive, neg: negative}; a label not listed is scored by its own name. Words that are one token of the model's tokenizer score in one forward pass; longer ones cost a pass per label.")
+    multi_label: bool = Field(False, description="Each example may carry several labels (sigmoid + binary cross-entropy).")
+    label_separator: str = Field(",", description="Separator between labels inside one cell for multi-label CSV/TSV data.")
+    max_length: MaxLength = None
+    truncation: Literal["truncate", "error"] = Field("truncate", description="Texts longer than max_length: cut them (and report how many), or stop with an error naming each row.")
+    pooling: Literal["mean", "cls", "last"] = Field("mean", description="How token features become one vector for the text head: mean over real tokens, the first ([CLS]) token, or the last real token (use last for decoder LLMs such as Llama, Qwen, GPT-2: only the last token has seen the whole text).")
+    head_dropout: HeadDropout = 0.1
+
+    modality: ClassVar[str] = "text"
+    default_metric: ClassVar[str] = "accuracy"
+
+    @field_validator("label_words", mode="before")
+    @classmethod
+    def _words_as_text(cls, value: Any) -> Any:
+        # YAML reads `{0: negative, 1: positive}` with integer keys: labels are compared as text
+        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    @property
+    def task_has_head(self) -> bool:
+        return self.classifier == "head"
+
+    @property
+    def no_head_reason(self) -> str:
+        return "task.classifier: label-words has none (the LM's own head scores the labels)"
+
+    def metric_names(self) -> list[str]:
+        return metric_names(self.multi_label)
+
+    @property
+    def metric_kind(self) -> str:
+        return "multi-label" if self.multi_label else "single-label"
+
+    def check(self, recipe) -> None:
+        if self.classifier != "label-words":
+            if self.label_words:
+                raise ValueError("task.label_words only applies with task.classifier: label-words; set that, or "
+                                 "remove task.label_words")
+            return
+        refuse_encoder_alias(recipe, "task.classifier: label-words scores the label words with",
+                             otherwise=", or use task.classifier: head")
+        if self.multi_label:
+            raise ValueError("task.classifier: label-words picks one label per text (the most likely words); for "
+                             "multi-label data use task.classifier: head")
 
 
 class TokenisedDataset(Dataset):
@@ -32,8 +88,9 @@ class TokenisedDataset(Dataset):
         return [len(x) for x in self.input_ids]
 
 
+@register_task("text-classification", TextClassificationOptions)
 class TextClassification(ClassificationTask):
-    modality = "text"
+    modality = TextClassificationOptions.modality
 
     def __init__(self, recipe):
         super().__init__(recipe)
@@ -45,14 +102,18 @@ class TextClassification(ClassificationTask):
         self.label_tokens: dict[str, list[int]] = {}  # label-words: each label's token ids (set by build_model())
 
     @property
+    def has_task_head(self) -> bool:
+        return self.recipe.task.task_has_head
+
+    @property
     def needs_lm_head(self) -> bool:
         """label-words scores the labels with the LM's own head, so the model loads with it."""
-        return self.recipe.task.classifier == "label-words"
+        return not self.has_task_head
 
     @property
     def cacheable(self) -> bool:
         """The activation caches store a head's input; label-words has no separate head."""
-        return not self.needs_lm_head
+        return self.has_task_head
 
     def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
         from ..data.records import read_records

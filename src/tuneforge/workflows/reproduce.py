@@ -37,7 +37,10 @@ def _load(run_dir: Path) -> tuple[dict, dict, dict]:
     if "reproducibility" not in manifest:
         raise TuneforgeError(f"{run_dir} was made by an older tuneforge without a reproducibility record; "
                              f"run its config.yaml again with `tuneforge train {run_dir}/config.yaml`")
-    return manifest, yaml.safe_load((run_dir / "config.yaml").read_text()), json.loads((run_dir / "eval.json").read_text())
+    from ..recipe import run_config_data  # a run from before tasks owned their options saved them all
+
+    config = run_config_data(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    return manifest, config, json.loads((run_dir / "eval.json").read_text())
 
 
 def _absolute(config: dict, manifest: dict) -> dict:

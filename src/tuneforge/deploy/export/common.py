@@ -32,12 +32,12 @@ class _Logits(nn.Module):
 def sample_inputs(run_dir: Path, task, n: int) -> tuple[dict, list | None, str]:
     """Up to ``n`` encoded inputs from the run's own data (validation first), their label
     ids when known, and a line saying where they came from."""
-    from ...recipe import load_recipe
+    from ...recipe import from_run_config
 
     config = run_dir / "config.yaml"
     modality = modality_of(task.modality)
     if config.exists():
-        recipe = load_recipe(config)
+        recipe = from_run_config(config)  # runs of any version, old flat task blocks included
         for split in ("validation", "test", "train"):
             path = getattr(recipe.data, split, None)
             if not path or not Path(path).exists():

@@ -381,16 +381,9 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
             line = f" line {mark.line + 1}" if mark else ""
             raise TuneforgeError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
         origin = str(path)
-        data = _resolve_relative_paths(data, path.parent)
     if overrides:
         data = apply_overrides(data, overrides)
     return recipe_from_dict(data, origin)
-
-
-def _resolve_relative_paths(data: dict, base: Path) -> dict:
-    """Paths in a recipe file are relative to the current directory, as users type them;
-    we keep them so. (Hook kept for a later `relative_to: recipe` option.)"""
-    return data
 
 
 def describe_fields(model_cls: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:

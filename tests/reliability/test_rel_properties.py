@@ -259,79 +259,15 @@ def recipe_like(draw) -> dict:
     return sections
 
 
-def _escapes(fn, *args) -> bool:
-    """Does a known-bad input still crash recipe.py with something other than TuneforgeError?"""
-    try:
-        fn(*args)
-    except TuneforgeError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-def _yaml_file_crashes() -> bool:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "r.yaml"
-        path.write_bytes(b"\xff train: {}")
-        return _escapes(load_recipe, path)
-
-
-# Crashes hypothesis found in recipe.py (not ours to edit; the fix is in the issue-3 report).
-# While a bug is still there, the random properties hold out just the inputs that trigger
-# it (so the rest stays covered), and the fixed examples further down are strict xfails:
-# they state the wanted behaviour and start counting the moment recipe.py is fixed, at
-# which point the hold-outs switch themselves off.
-STRATEGY_BROKEN = _escapes(load_recipe, {"strategy": 5})
-OVERRIDES_BROKEN = _escapes(load_recipe, {}, ["=1"]) or _escapes(load_recipe, {}, ["a=["])
-YAML_FILE_BROKEN = _yaml_file_crashes()
-STRATEGY_BUG = pytest.mark.xfail(STRATEGY_BROKEN, strict=True,
-                                 reason="recipe.py: `strategy:` that is not a mapping (or a non-string name) "
-                                        "raises TypeError inside the pydantic validator")
-OVERRIDE_BUG = pytest.mark.xfail(OVERRIDES_BROKEN, strict=True,
-                                 reason="recipe.py: parse_override lets IndexError ('--set =1') "
-                                        "and yaml.YAMLError ('--set train.lr=[') escape")
-YAML_FILE_BUG = pytest.mark.xfail(YAML_FILE_BROKEN, strict=True,
-                                  reason="recipe.py: load_recipe lets UnicodeDecodeError (non-UTF-8 file) "
-                                         "and RecursionError (deeply nested YAML) escape")
-
-
-def _hits_strategy_bug(data: dict) -> bool:
-    if not STRATEGY_BROKEN:
-        return False
-    strategy = data.get("strategy")
-    if strategy is None or isinstance(strategy, str):
-        return False  # None is the default; a string is reported (oddly) as a ValueError
-    return not isinstance(strategy, dict) or isinstance(strategy.get("name"), (list, dict))
-
-
-def _hits_override_bug(overrides: list[str]) -> bool:
-    if not OVERRIDES_BROKEN:
-        return False
-    for text in overrides:
-        if "=" not in text:
-            continue
-        key, raw = text.split("=", 1)
-        if not [p for p in key.strip().split(".") if p]:
-            return True
-        try:
-            yaml.safe_load(raw)
-        except yaml.YAMLError:
-            return True
-    return False
-
-
 @FAST
 @given(data=recipe_like())
 def test_random_mapping_as_recipe(data):
-    assume(not _hits_strategy_bug(data))
     _only_tuneforge_errors(load_recipe, data)
 
 
 @FAST
 @given(data=recipe_like())
 def test_random_mapping_as_yaml_recipe_file(data):
-    assume(not _hits_strategy_bug(data))
     path = _tmpdir() / "recipe.yaml"
     try:
         path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
@@ -345,7 +281,6 @@ def test_random_mapping_as_yaml_recipe_file(data):
                       st.binary(max_size=60).map(lambda b: b.decode("latin-1"))),
        raw=st.booleans())
 def test_random_yaml_text_as_recipe(text, raw):
-    raw = raw and not YAML_FILE_BROKEN  # latin-1 bytes are not UTF-8: the known crash
     path = _tmpdir() / "recipe.yaml"
     path.write_bytes(text.encode("latin-1") if raw else text.encode("utf-8"))
     _only_tuneforge_errors(load_recipe, path)
@@ -354,30 +289,26 @@ def test_random_yaml_text_as_recipe(text, raw):
 @FAST
 @given(overrides=st.lists(st.text(alphabet=st.sampled_from(list("train.lr=[]{}:,-1e5 ")), max_size=20), max_size=3))
 def test_random_overrides(overrides):
-    assume(not _hits_override_bug(overrides))
     _only_tuneforge_errors(load_recipe, {}, overrides)
 
 
 @pytest.mark.parametrize("data", [
     {"strategy": 5}, {"strategy": [1]}, {"strategy": {"name": [1]}},
 ], ids=["strategy-int", "strategy-list", "strategy-name-list"])
-@STRATEGY_BUG
-def test_known_recipe_crash_strategy_shape(data):
+def test_strategy_that_is_not_a_mapping_is_a_recipe_error(data):
     with pytest.raises(TuneforgeError, match="strategy"):
         load_recipe(data)
 
 
 @pytest.mark.parametrize("overrides, named", [(["=1"], "--set"), ([".=1"], "--set"), (["train.lr=["], "train.lr")],
                          ids=["empty-key", "dot-key", "bad-yaml"])
-@OVERRIDE_BUG
-def test_known_recipe_crash_overrides(overrides, named):
+def test_malformed_overrides_are_recipe_errors(overrides, named):
     with pytest.raises(TuneforgeError, match=named):
         load_recipe({}, overrides)
 
 
 @pytest.mark.parametrize("text", [b"\xff\xfe train: {}", b"[" * 5000], ids=["not-utf8", "deep-nesting"])
-@YAML_FILE_BUG
-def test_known_recipe_crash_yaml_file(tmp_path, text):
+def test_undecodable_or_too_deep_yaml_is_a_recipe_error(tmp_path, text):
     path = tmp_path / "recipe.yaml"
     path.write_bytes(text)
     with pytest.raises(TuneforgeError, match="recipe.yaml"):

@@ -22,6 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import TuneforgeError
+from ..modalities import modality_of
 from .options import NAME_DOC, StrategyOptions
 from .base import EfficientStrategy, register
 
@@ -55,7 +56,7 @@ def wrap_prompt_learning(strategy, model: nn.Module, info, config, strip: int) -
     from peft import get_peft_model
 
     name = strategy.name
-    if info.modality != "text" or info.spec.get("kind") != "hf":
+    if not modality_of(info.modality).tokenized or info.spec.get("kind") != "hf":
         raise TuneforgeError(f"strategy {name} adds virtual tokens to a Transformer's text input; "
                              f"'{info.source}' is an {info.modality} model ({info.family}) — use lora, adapters, "
                              "ia3 or bitfit for image models")

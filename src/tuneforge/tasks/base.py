@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import TuneforgeError
+from ..modalities import modality_of
 
 
 class Task(Protocol):
@@ -155,8 +156,8 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.task_head.bias)
 
     def features(self, input_ids=None, attention_mask=None, pixel_values=None) -> torch.Tensor:
-        if self.modality == "image":
-            return self.backbone(pixel_values)  # (B, C)
+        if modality_of(self.modality).spatial:
+            return self.backbone(pixel_values)  # (B, C): timm backbones built with num_classes=0 pool themselves
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         if self.pooling == "cls":
             return hidden[:, 0]

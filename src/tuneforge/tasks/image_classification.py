@@ -46,16 +46,12 @@ class ImageClassificationOptions(TaskOptions):
 
 
 def default_workers(device: str) -> int:
-    """Image-loading worker processes when ``data.num_workers`` is not set.
-
-    On a GPU one worker decodes and augments the next batch while the GPU computes. On
-    CPU the training threads already hold every core: a worker preempts one of them and the
-    rest of the OpenMP team waits, so loading runs in the main process (EfficientNet-Lite0 on
-    2 cores: 63-66 images/s without a worker, 49-61 with one; PERFORMANCE.md).
-    """
+    """Image-loading worker processes when ``data.num_workers`` is not set: the image modality's
+    rule (``modalities.py``: one on a GPU, none on CPU, measured)."""
     from ..engine.precision import resolve_device
+    from ..modalities import modality_of
 
-    return 1 if resolve_device(device).type == "cuda" and (os.cpu_count() or 1) >= 2 else 0
+    return modality_of(ImageClassificationOptions.modality).default_workers(resolve_device(device))
 
 @register_task("image-classification", ImageClassificationOptions)
 class ImageClassification(ClassificationTask):

@@ -177,3 +177,12 @@ def test_image_dataset(folder):
     with pytest.raises(TuneforgeError, match=r"train/dog/0\.png: label 'dog' is not one of the training labels"):
         ImageDataset(recs, {"cat": 0}, build_image_transform(PRE, train=False))
     assert "labels" not in ImageDataset(recs, None, build_image_transform(PRE, train=False))[0]
+
+
+def test_manifest_labels_are_typed(tmp_path):
+    png(tmp_path / "imgs" / "a.png")
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"image": "imgs/a.png", "label": "cat"}\n{"image": "imgs/a.png", "label": ["cat", "dog"]}\n')
+    with pytest.raises(TuneforgeError, match=r"m\.jsonl line 2: column 'label' holds a list"):
+        read_image_records(m)
+    assert read_image_records(m, label_kind="labels")[1].values["label"] == ["cat", "dog"]

@@ -60,6 +60,7 @@ def read_image_records(
     on_bad_record: str = "error",
     skipped: list[str] | None = None,
     id_column: str | None = None,
+    label_kind: str = "label",
 ) -> list[Record]:
     """Records ``{"image": <absolute path str | bytes>, "label": <class>}`` from a class folder
     tree or from a CSV/TSV/JSONL/Parquet manifest.
@@ -72,6 +73,8 @@ def read_image_records(
     Absolute paths are allowed -- writing one is an explicit choice. Parquet manifests may
     embed the image bytes (Hugging Face's ``{"bytes", "path"}`` struct).
     ``id_column``: a required column of unique ids (role "id"; manifests only).
+    ``label_kind``: "label" (one label per image) or "labels" (a list or a separated string:
+    multi-label); a manifest label of another type is a bad record (:func:`read_records`' kinds).
     ``limit``, ``on_bad_record`` and ``skipped`` work as in :func:`read_records`.
     """
     path = Path(path)
@@ -90,7 +93,8 @@ def read_image_records(
     sink = skipped if skipped is not None else []
     records = read_records(path, columns=columns, format=format, limit=limit, hints=hints,
                            encoding=encoding, on_bad_record=on_bad_record, skipped=sink,
-                           unique=("id",) if id_column is not None else ())
+                           unique=("id",) if id_column is not None else (),
+                           kinds={"label": label_kind, "id": "id"})
     base = path.resolve().parent
     out = []
     for record in records:

@@ -68,6 +68,7 @@ class TextClassification(ClassificationTask):
             encoding=data.encoding, on_bad_record=data.on_bad_record, skipped=skipped,
             hints={"text": f"{scope}.text_column", "label": f"{scope}.label_column", "id": "data.id_column"},
             unique=("id",) if data.id_column else (),
+            kinds={"text": "text", "label": "labels" if self.multi_label else "label", "id": "id"},
         )
 
     def attach(self, loaded) -> None:

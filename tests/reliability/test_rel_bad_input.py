@@ -299,6 +299,12 @@ def _good_jsonl(**changes) -> list:
     return rows
 
 
+def jsonl_mixed_label_types(env: Env) -> dict:
+    val = _jsonl(env, "val.jsonl", [{"text": "nice film", "label": 1}, {"text": "poor film", "label": 0}])
+    return env.text(_jsonl(env, "train.jsonl", _good_jsonl(r4={"text": "fun film", "label": True})),
+                    data={"validation": str(val)})
+
+
 def jsonl_list_as_text(env: Env) -> dict:
     return env.text(_jsonl(env, "train.jsonl", _good_jsonl(r2={"text": ["great", "film"], "label": 1})))
 
@@ -351,6 +357,8 @@ CASES = [
     Case("duplicate-column-names", duplicate_columns, ("train.csv line 1", "'text' (2 times)"),
          "rename the duplicate columns"),
     Case("nan-label", nan_label, ("train.csv line 5", "'nan', a missing-value marker"), "data.on_bad_record: skip"),
+    Case("jsonl-mixed-label-types", jsonl_mixed_label_types, ("train.jsonl line 5", "a boolean", "train.jsonl line 1"),
+         "write every label the same way"),
     Case("jsonl-list-as-text", jsonl_list_as_text, ("train.jsonl line 3", "column 'text' holds a list"),
          "data.on_bad_record: skip"),
     Case("jsonl-first-line-lacks-key", jsonl_first_line_lacks_key, ("train.jsonl line 1", "no 'text' key"),

@@ -51,6 +51,7 @@ def read_data(job) -> None:
     from ..data.fingerprint import file_fingerprint
     from ..data.splits import stratified_split
     from ..tasks import get_task
+    from ..tasks.base import canonical_label
 
     recipe, log = job.recipe, job.log
     job.task = task = get_task(recipe)
@@ -71,7 +72,7 @@ def read_data(job) -> None:
     if "validation" not in splits:
         def label_of(record) -> str:
             labels = task.record_labels(record)
-            return str(labels[0]) if labels else ""
+            return canonical_label(labels[0]) if labels else ""  # "01" and "1" are one stratum
 
         splits["train"], splits["validation"] = stratified_split(
             splits["train"], label_of, data.validation_split, recipe.train.seed)[:2]
@@ -83,7 +84,7 @@ def read_data(job) -> None:
                 + (" ..." if len(items) > 3 else ""))
     job.labels = task.label_map(splits["train"])
     log("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " examples"
-        + (f"; {len(job.labels)} labels" if len(job.labels) else ""))
+        + (f"; {job.labels.summary()}" if len(job.labels) else ""))
     job.fingerprints = {s: file_fingerprint(getattr(data, s)) for s in job.rows}
 
 

@@ -313,6 +313,11 @@ def jsonl_first_line_lacks_key(env: Env) -> dict:
     return env.text(_jsonl(env, "train.jsonl", _good_jsonl(r0={"sentence": "good film", "label": 1})))
 
 
+def overlap_not_allowed(env: Env) -> dict:
+    train = env.csv("train.csv", _lines(*GOOD))
+    return env.text(train, data={"validation": str(train), "allow_overlap": False})
+
+
 CASES = [
     Case("malformed-csv-line", malformed_csv, ("train.csv line 4",), "check the quoting"),
     Case("csv-wrong-field-count", csv_field_count, ("train.csv line 5", "expected 2 fields"),
@@ -363,6 +368,8 @@ CASES = [
          "data.on_bad_record: skip"),
     Case("jsonl-first-line-lacks-key", jsonl_first_line_lacks_key, ("train.jsonl line 1", "no 'text' key"),
          "fix or delete that line"),
+    Case("train-is-validation-overlap-refused", overlap_not_allowed,
+         ("validation shares 8 of its 8 rows with train", "same file"), "set data.allow_overlap: true"),
 ]
 
 

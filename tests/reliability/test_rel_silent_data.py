@@ -86,3 +86,13 @@ def test_the_label_set_and_counts_are_printed_before_training(tmp_path):
     _, lines = _read(tmp_path, _csv(*(f"{t} {i},{lab}" for i, (t, lab) in enumerate(zip(FILMS * 2, labels)))),
                      val=_csv("a new film,pos"))
     assert any(line.endswith("labels (3): pos 10, neg 4, neutral 2") for line in lines), lines
+
+
+def test_train_equal_to_validation_warns_with_the_overlap_count(tmp_path):
+    body = _csv(*(f"{t},{'pos' if i % 2 == 0 else 'neg'}" for i, t in enumerate(FILMS)))
+    (tmp_path / "train.csv").write_text(body)
+    job, lines = _read(tmp_path, body, validation=str(tmp_path / "train.csv"))
+    warning = next(line for line in lines if "shares" in line)
+    assert "validation shares 8 of its 8 rows with train (data.validation and data.train are the same file)" in warning
+    with pytest.raises(TuneforgeError, match="set data.allow_overlap: true"):
+        _read(tmp_path, body, validation=str(tmp_path / "train.csv"), allow_overlap=False)

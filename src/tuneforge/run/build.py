@@ -49,6 +49,7 @@ def resolve_compute(job) -> None:
 def read_data(job) -> None:
     """The task, every split's records (validation held out from train when absent), the labels."""
     from ..data.fingerprint import file_fingerprint
+    from ..data.overlap import check_overlap
     from ..data.splits import stratified_split
     from ..tasks import get_task
     from ..tasks.base import canonical_label
@@ -78,6 +79,7 @@ def read_data(job) -> None:
             splits["train"], label_of, data.validation_split, recipe.train.seed)[:2]
         log(f"validation: held out {len(splits['validation'])} of the training rows "
             f"(data.validation_split={data.validation_split}, stratified, seed {recipe.train.seed})")
+    check_overlap(splits, allow=data.allow_overlap, log=log, paths={s: getattr(data, s) for s in job.rows})
     for split, items in job.skipped.items():
         if items:
             log(f"[yellow]skipped {len(items)} bad {split} record(s)[/]: " + "; ".join(map(str, items[:3]))

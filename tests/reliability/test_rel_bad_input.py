@@ -318,6 +318,12 @@ def overlap_not_allowed(env: Env) -> dict:
     return env.text(train, data={"validation": str(train), "allow_overlap": False})
 
 
+def folder_link_escapes(env: Env) -> dict:
+    train = env.folder()
+    (train / "red" / "passwd.png").symlink_to(_png(env.tmp / "outside" / "secret.png"))
+    return env.image(train)
+
+
 CASES = [
     Case("malformed-csv-line", malformed_csv, ("train.csv line 4",), "check the quoting"),
     Case("csv-wrong-field-count", csv_field_count, ("train.csv line 5", "expected 2 fields"),
@@ -370,6 +376,8 @@ CASES = [
          "fix or delete that line"),
     Case("train-is-validation-overlap-refused", overlap_not_allowed,
          ("validation shares 8 of its 8 rows with train", "same file"), "set data.allow_overlap: true"),
+    Case("image-folder-link-escapes", folder_link_escapes, ("train/red/passwd.png", "outside the image folder"),
+         "copy the file"),
 ]
 
 

@@ -96,3 +96,16 @@ def test_train_equal_to_validation_warns_with_the_overlap_count(tmp_path):
     assert "validation shares 8 of its 8 rows with train (data.validation and data.train are the same file)" in warning
     with pytest.raises(TuneforgeError, match="set data.allow_overlap: true"):
         _read(tmp_path, body, validation=str(tmp_path / "train.csv"), allow_overlap=False)
+
+
+def test_a_max_length_beyond_the_model_is_capped_with_a_log_line(tiny_bert_dir):
+    from tuneforge.models import load_model
+    from tuneforge.tasks import get_task
+
+    loaded = load_model(str(tiny_bert_dir))
+    recipe = load_recipe({"model": {"name": str(tiny_bert_dir)},
+                          "task": {"type": "text-classification", "max_length": 100000}, "data": {"train": "x"}})
+    task, lines = get_task(recipe), []
+    task.attach(loaded, log=lines.append)
+    assert task.max_length == 64 and lines == ["[yellow]task.max_length 100000 capped at 64[/]: the most tokens "
+                                               "this model takes"]

@@ -107,7 +107,7 @@ def build_model(job) -> None:
         raise TuneforgeError(
             f"model '{m.name}' is a {loaded.info.modality} model but task.type is {recipe.task.type}; "
             f"pick a {task.modality} model (see `tuneforge models`) or change task.type")
-    task.attach(loaded)
+    task.attach(loaded, log=log)
     model = task.build_model(loaded, job.labels)
     if job.init_from:
         from .resume import warm_start

@@ -52,7 +52,7 @@ class ImageClassification(ClassificationTask):
         return filter_readable_images(records, on_bad_record=data.on_bad_record, skipped=skipped,
                                       max_pixels=data.max_image_pixels)
 
-    def attach(self, loaded) -> None:
+    def attach(self, loaded, log=None) -> None:
         self.preprocessing = dict(loaded.info.preprocessing)
         size = self.recipe.task.image_size
         if size:

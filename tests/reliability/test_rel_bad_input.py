@@ -324,6 +324,14 @@ def folder_link_escapes(env: Env) -> dict:
     return env.image(train)
 
 
+def dpo_chosen_is_rejected(env: Env) -> dict:
+    pairs = [{"prompt": f"reverse {w} =", "chosen": f" {w[::-1]}", "rejected": f" {w}"} for w in ("abc", "dge", "fab")]
+    pairs.insert(1, {"prompt": "reverse cab =", "chosen": " bac", "rejected": " bac "})
+    recipe = env.text(_jsonl(env, "train.jsonl", pairs))
+    recipe["task"] = {"type": "preference"}  # the model is never loaded: the data is refused first
+    return recipe
+
+
 CASES = [
     Case("malformed-csv-line", malformed_csv, ("train.csv line 4",), "check the quoting"),
     Case("csv-wrong-field-count", csv_field_count, ("train.csv line 5", "expected 2 fields"),
@@ -378,6 +386,8 @@ CASES = [
          ("validation shares 8 of its 8 rows with train", "same file"), "set data.allow_overlap: true"),
     Case("image-folder-link-escapes", folder_link_escapes, ("train/red/passwd.png", "outside the image folder"),
          "copy the file"),
+    Case("dpo-chosen-equals-rejected", dpo_chosen_is_rejected, ("train.jsonl line 2", "the same reply"),
+         "data.on_bad_record: skip"),
 ]
 
 

@@ -67,6 +67,7 @@ class DataSection(_Section):
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip when augmenting (0 for digits, text in images, ...).")
     crop_scale: tuple[float, float] = Field((0.6, 1.0), description="Area range of the random resized crop when augmenting.")
     on_bad_record: Literal["error", "skip"] = Field("error", description="A malformed row, empty field or unreadable image: stop with an error, or skip it and report.")
+    allow_overlap: bool = Field(True, description="Rows whose input (text, image, conversation) occurs in two of train/validation/test are counted and warned about; false makes that an error.")
     max_image_pixels: int = Field(100_000_000, ge=1, description="Largest image (width x height) accepted; bigger files are refused as possible decompression bombs.")
     num_workers: Optional[int] = Field(None, ge=0, description="Data-loader worker processes; default 0 for text (pre-tokenised); for images 1 when training on a GPU, 0 on CPU, where the training threads already use every core and a worker slows them (PERFORMANCE.md).")
 

@@ -177,3 +177,32 @@ def test_image_dataset(folder):
     with pytest.raises(TuneforgeError, match=r"train/dog/0\.png: label 'dog' is not one of the training labels"):
         ImageDataset(recs, {"cat": 0}, build_image_transform(PRE, train=False))
     assert "labels" not in ImageDataset(recs, None, build_image_transform(PRE, train=False))[0]
+
+
+def test_links_out_of_an_image_folder_are_refused(tmp_path, folder):
+    # a link named like an image used to be followed wherever it led (/etc/passwd), as was a
+    # class folder linked in from elsewhere
+    secret = png(tmp_path / "outside" / "secret.png")
+    (folder / "cat" / "inside.png").symlink_to(folder / "cat" / "0.png")  # stays inside: followed
+    assert len(read_image_records(folder)) == 6
+    link = folder / "dog" / "passwd.png"
+    link.symlink_to(secret)
+    for labelled in (True, False):
+        with pytest.raises(TuneforgeError) as e:
+            read_image_records(folder, label_column="label" if labelled else None)
+        msg = str(e.value)
+        assert "train/dog/passwd.png is a link to" in msg and str(secret.resolve()) in msg, msg
+        assert "outside the image folder" in msg and "copy the file" in msg
+    link.unlink()
+    (folder / "bird").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(TuneforgeError, match=r"train/bird is a link to .*outside the image folder"):
+        read_image_records(folder)
+
+
+def test_manifest_labels_are_typed(tmp_path):
+    png(tmp_path / "imgs" / "a.png")
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"image": "imgs/a.png", "label": "cat"}\n{"image": "imgs/a.png", "label": ["cat", "dog"]}\n')
+    with pytest.raises(TuneforgeError, match=r"m\.jsonl line 2: column 'label' holds a list"):
+        read_image_records(m)
+    assert read_image_records(m, label_kind="labels")[1].values["label"] == ["cat", "dog"]

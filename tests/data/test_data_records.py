@@ -193,3 +193,116 @@ def test_file_fingerprint_file_and_dir(tmp_path):
     assert first["bytes"] == 6 and first == file_fingerprint(d)
     (d / "sub" / "1.txt").write_text("uno")
     assert file_fingerprint(d)["sha256"] != first["sha256"]
+
+
+# ------------------------------------------------------------------ issue 22: silently wrong training data
+
+def test_duplicate_column_names_are_refused_naming_them(tmp_path):
+    # csv.DictReader-style rows keep the last of two same-named cells: every text became "x"
+    f = write(tmp_path / "train.csv", "text,label,text\ngood film,pos,x\nbad film,neg,x\n")
+    with pytest.raises(TuneforgeError) as e:
+        read_records(f, columns={"text": "text", "label": "label"})
+    msg = str(e.value)
+    assert "train.csv line 1" in msg and "'text' (2 times)" in msg and "rename the duplicate columns" in msg
+    f = write(tmp_path / "train.tsv", "\nsentence\tlabel\tlabel\na\t1\t0\n")  # the header is on line 2
+    with pytest.raises(TuneforgeError, match=r"train\.tsv line 2: the column name 'label' \(2 times\)"):
+        read_records(f, columns=COLS)
+    # a duplicate the mapping does not read is harmless
+    f = write(tmp_path / "notes.csv", "sentence,label,note,note\na,1,x,y\nb,0,x,y\n")
+    assert [r.values for r in read_records(f, columns=COLS)] == [{"text": "a", "label": "1"},
+                                                                 {"text": "b", "label": "0"}]
+
+
+def test_duplicate_column_names_in_parquet_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a", "b"]), pa.array([0, 1]), pa.array(["x", "x"])],
+                                        names=["text", "label", "text"]), f)
+    with pytest.raises(TuneforgeError, match=r"train\.parquet \(its schema\): the column name 'text' \(2 times\)"):
+        read_records(f, columns={"text": "text", "label": "label"})
+
+
+def test_json_object_with_a_key_twice_is_a_bad_record(tmp_path):
+    f = write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0, "text": "x"}\n')
+    with pytest.raises(TuneforgeError, match=r"d\.jsonl line 2: the key 'text' occurs twice"):
+        read_records(f, columns={"text": "text", "label": "label"})
+    skipped: list[str] = []
+    assert len(read_records(f, columns={"text": "text", "label": "label"}, on_bad_record="skip",
+                            skipped=skipped)) == 1 and skipped[0].startswith("d.jsonl line 2:")
+
+
+KINDS = {"text": "text", "label": "label"}
+
+
+@pytest.mark.parametrize("bad, expect", [
+    ({"text": ["good", "film"], "label": 1}, "column 'text' holds a list"),
+    ({"text": {"words": "good"}, "label": 1}, "column 'text' holds an object"),
+    ({"text": 5, "label": 1}, "column 'text' holds a number 5, not a string"),
+    ({"text": "good", "label": [1, 0]}, "where a single label is expected — for several labels per row set "
+                                        "task.multi_label: true"),
+    ({"text": "good", "label": {"y": 1}}, "column 'label' holds an object"),
+])
+def test_jsonl_values_of_the_wrong_type_are_bad_records(tmp_path, bad, expect):
+    rows = [{"text": "bad film", "label": 0}, bad, {"text": "fun film", "label": 1}]
+    f = write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TuneforgeError) as e:
+        read_records(f, columns=KINDS, kinds=KINDS)
+    msg = str(e.value)
+    assert msg.startswith("d.jsonl line 2: ") and expect in msg and "data.on_bad_record: skip" in msg, msg
+    skipped: list[str] = []
+    recs = read_records(f, columns=KINDS, kinds=KINDS, on_bad_record="skip", skipped=skipped)
+    assert [r.where for r in recs] == ["d.jsonl line 1", "d.jsonl line 3"] and len(skipped) == 1
+
+
+def test_multi_label_lists_are_typed_too(tmp_path):
+    f = write(tmp_path / "d.jsonl", '{"text": "a", "label": ["x", "y"]}\n{"text": "b", "label": ["x", ["y"]]}\n')
+    kinds = {"text": "text", "label": "labels"}
+    with pytest.raises(TuneforgeError, match=r"d\.jsonl line 2: column 'label' holds a list with a list"):
+        read_records(f, columns=KINDS, kinds=kinds)
+    assert read_records(f, columns=KINDS, kinds=kinds, limit=1)[0].values["label"] == ["x", "y"]
+
+
+def test_binary_text_in_parquet_is_a_bad_record(tmp_path):
+    f = tmp_path / "train.parquet"
+    pd.DataFrame({"text": [b"good film", b"bad film"], "label": [1, 0]}).to_parquet(f)
+    with pytest.raises(TuneforgeError, match=r"train\.parquet row 1: column 'text' holds binary data \(9 bytes\)"):
+        read_records(f, columns=KINDS, kinds=KINDS)
+
+
+def test_missing_value_markers_and_nan_labels_are_bad_records(tmp_path):
+    f = write(tmp_path / "train.csv", "text,label\na,1.0\nb, nan\nc,NULL\nd,0\n")
+    skipped: list[str] = []
+    recs = read_records(f, columns=KINDS, kinds=KINDS, on_bad_record="skip", skipped=skipped)
+    assert [r.values["text"] for r in recs] == ["a", "d"]
+    assert [s.split(":")[0] for s in skipped] == ["train.csv line 3", "train.csv line 4"]
+    assert "'nan', a missing-value marker" in skipped[0]
+    # JSON NaN (Python's json reads it) and Parquet nulls / NaN (pandas' missing numbers) are empty values
+    f = write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n')
+    with pytest.raises(TuneforgeError, match=r"d\.jsonl line 2: empty value in column 'label'"):
+        read_records(f, columns=KINDS, kinds=KINDS)
+    p = tmp_path / "t.parquet"
+    pd.DataFrame({"text": ["a", "b", "c"], "label": [1.0, float("nan"), 0.0]}).to_parquet(p)
+    with pytest.raises(TuneforgeError, match=r"t\.parquet row 2: empty value in column 'label'"):
+        read_records(p, columns=KINDS, kinds=KINDS)
+
+
+def test_first_jsonl_line_lacking_a_key_is_named(tmp_path):
+    # it used to be "column 'text' not found in d.jsonl" for the whole file
+    f = write(tmp_path / "d.jsonl", '{"sentence": "a", "label": 1}\n{"text": "b", "label": 0}\n'
+                                    '{"text": "c", "label": 1}\n')
+    with pytest.raises(TuneforgeError) as e:
+        read_records(f, columns=KINDS, hints={"text": "data.text_column"})
+    msg = str(e.value)
+    assert msg.startswith("d.jsonl line 1: no 'text' key in this object (its keys: sentence, label)"), msg
+    assert "fix or delete that line" in msg
+    skipped: list[str] = []
+    recs = read_records(f, columns=KINDS, on_bad_record="skip", skipped=skipped)
+    assert [r.values["text"] for r in recs] == ["b", "c"] and skipped[0].startswith("d.jsonl line 1: no 'text' key")
+    # a key that no line has is the mapping's mistake, reported once for the file, skip or not
+    f = write(tmp_path / "e.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b", "label": 0, "id": 3}\n')
+    for mode in ("error", "skip"):
+        with pytest.raises(TuneforgeError, match=r"column 'text' not found in any JSON object of e\.jsonl; columns "
+                                                 r"are: sentence, label, id .*set data\.text_column"):
+            read_records(f, columns=KINDS, hints={"text": "data.text_column"}, on_bad_record=mode)

@@ -135,3 +135,16 @@ def test_hf_export_runs_with_plain_transformers(which, request, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = [p["label"] for p in load(run).predict(["good fun film", "bad bad film"])]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_export_samples_are_read_with_the_runs_column_mapping(tiny_bert_dir, tmp_path):
+    # SST-2 names its columns sentence/label: the export used to look for `text`, find nothing, and
+    # check parity on 4 random token sequences ("the run's data is gone")
+    data = write_text_csv(tmp_path / "train.csv", n=24)
+    data.write_text(data.read_text().replace("text,label\n", "sentence,sentiment\n", 1))
+    recipe = text_recipe(tiny_bert_dir, data, tmp_path / "run", train={"epochs": 1},
+                         data={"text_column": "sentence", "label_column": "sentiment"})
+    run = finetune(recipe).path
+    report = export_run(run, "safetensors", tmp_path / "st", log=lambda *_: None)
+    assert report["samples"] == f"16 rows of {data}", report["samples"]  # --samples' default 16 ...
+    assert "sample_accuracy_original" in report  # ... with their labels, read from `sentiment`

@@ -274,6 +274,24 @@ def test_lora_run_exports_as_a_merged_hf_causal_lm(lm_dirs, tmp_path):
         export_run(run.path, "onnx", tmp_path / "x")
 
 
+def test_the_docs_cli_export_of_a_causal_lm_prints_its_parity_report(lm_dirs, tmp_path, capsys):
+    # `tuneforge export runs/sft-tiny-lora-* --format hf --out merged2` wrote the model, then died with
+    # KeyError: 'label_agreement' printing a report the causal-LM exporter did not fill
+    from tuneforge.cli import main
+
+    recipe = _recipe(lm_dirs("llama"), tmp_path, "lora")
+    recipe["train"]["max_steps"] = 1
+    recipe["task"]["generation"]["eval_prompts"] = 0
+    run = finetune(recipe)
+    capsys.readouterr()
+    assert main(["export", str(run.path), "--format", "hf", "--out", str(tmp_path / "merged2")]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert printed["format"] == "hf" and printed["check"] == "passed" and printed["label_agreement"] == 1.0
+    assert printed["max_abs_diff"] < 1e-3
+    saved = json.loads((tmp_path / "merged2" / "export.json").read_text())
+    assert saved["label_agreement"] == 1.0 and saved["check"] == "passed"
+
+
 def test_qlora_needs_lora_and_says_what_it_needs_on_cpu(lm_dirs, tmp_path):
     from tuneforge.recipe import load_recipe
 

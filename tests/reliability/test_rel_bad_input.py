@@ -278,6 +278,60 @@ def _both_skipped(manifest: dict) -> None:
     assert any("m.csv line 9" in s and "corrupt.png" in s and "cannot read image" in s for s in skipped), skipped
 
 
+# -- issue 22: data that used to train silently wrong
+
+def duplicate_columns(env: Env) -> dict:
+    return env.text(env.csv("train.csv", _lines(*(f"{row},x" for row in GOOD), header="text,label,text")))
+
+
+def nan_label(env: Env) -> dict:
+    return env.text(env.csv("train.csv", _lines(*GOOD[:3], "meh film,nan", *GOOD[3:])))
+
+
+def _jsonl(env: Env, name: str, rows: list) -> Path:
+    return env.csv(name, "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def _good_jsonl(**changes) -> list:
+    rows = [{"text": t.split(",")[0], "label": 1 if t.endswith("pos") else 0} for t in GOOD]
+    for i, row in changes.items():
+        rows[int(i[1:])] = row
+    return rows
+
+
+def jsonl_mixed_label_types(env: Env) -> dict:
+    val = _jsonl(env, "val.jsonl", [{"text": "nice film", "label": 1}, {"text": "poor film", "label": 0}])
+    return env.text(_jsonl(env, "train.jsonl", _good_jsonl(r4={"text": "fun film", "label": True})),
+                    data={"validation": str(val)})
+
+
+def jsonl_list_as_text(env: Env) -> dict:
+    return env.text(_jsonl(env, "train.jsonl", _good_jsonl(r2={"text": ["great", "film"], "label": 1})))
+
+
+def jsonl_first_line_lacks_key(env: Env) -> dict:
+    return env.text(_jsonl(env, "train.jsonl", _good_jsonl(r0={"sentence": "good film", "label": 1})))
+
+
+def overlap_not_allowed(env: Env) -> dict:
+    train = env.csv("train.csv", _lines(*GOOD))
+    return env.text(train, data={"validation": str(train), "allow_overlap": False})
+
+
+def folder_link_escapes(env: Env) -> dict:
+    train = env.folder()
+    (train / "red" / "passwd.png").symlink_to(_png(env.tmp / "outside" / "secret.png"))
+    return env.image(train)
+
+
+def dpo_chosen_is_rejected(env: Env) -> dict:
+    pairs = [{"prompt": f"reverse {w} =", "chosen": f" {w[::-1]}", "rejected": f" {w}"} for w in ("abc", "dge", "fab")]
+    pairs.insert(1, {"prompt": "reverse cab =", "chosen": " bac", "rejected": " bac "})
+    recipe = env.text(_jsonl(env, "train.jsonl", pairs))
+    recipe["task"] = {"type": "preference"}  # the model is never loaded: the data is refused first
+    return recipe
+
+
 CASES = [
     Case("malformed-csv-line", malformed_csv, ("train.csv line 4",), "check the quoting"),
     Case("csv-wrong-field-count", csv_field_count, ("train.csv line 5", "expected 2 fields"),
@@ -319,6 +373,21 @@ CASES = [
     Case("manifest-symlink-escapes-folder", manifest_symlink_escape, ("m.csv line 8", "linked/secret.png"),
          "move the manifest up"),
     Case("skip-malformed-row-and-bad-image", skip_bad_row_and_image, ok=True, check=_both_skipped),
+    Case("duplicate-column-names", duplicate_columns, ("train.csv line 1", "'text' (2 times)"),
+         "rename the duplicate columns"),
+    Case("nan-label", nan_label, ("train.csv line 5", "'nan', a missing-value marker"), "data.on_bad_record: skip"),
+    Case("jsonl-mixed-label-types", jsonl_mixed_label_types, ("train.jsonl line 5", "a boolean", "train.jsonl line 1"),
+         "write every label the same way"),
+    Case("jsonl-list-as-text", jsonl_list_as_text, ("train.jsonl line 3", "column 'text' holds a list"),
+         "data.on_bad_record: skip"),
+    Case("jsonl-first-line-lacks-key", jsonl_first_line_lacks_key, ("train.jsonl line 1", "no 'text' key"),
+         "fix or delete that line"),
+    Case("train-is-validation-overlap-refused", overlap_not_allowed,
+         ("validation shares 8 of its 8 rows with train", "same file"), "set data.allow_overlap: true"),
+    Case("image-folder-link-escapes", folder_link_escapes, ("train/red/passwd.png", "outside the image folder"),
+         "copy the file"),
+    Case("dpo-chosen-equals-rejected", dpo_chosen_is_rejected, ("train.jsonl line 2", "the same reply"),
+         "data.on_bad_record: skip"),
 ]
 
 

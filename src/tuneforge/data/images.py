@@ -60,18 +60,25 @@ def read_image_records(
     on_bad_record: str = "error",
     skipped: list[str] | None = None,
     id_column: str | None = None,
+    label_kind: str = "label",
 ) -> list[Record]:
     """Records ``{"image": <absolute path str | bytes>, "label": <class>}`` from a class folder
     tree or from a CSV/TSV/JSONL/Parquet manifest.
 
     A folder must hold one sub-folder per class (the class name is the folder name);
     ``label_column=None`` reads an unlabelled folder (all images, any depth) or manifest.
+    A symbolic link inside the folder (a file or a class folder) may not lead out of it:
+    like a manifest, a folder of images is often someone else's, and a link to
+    ``/etc/passwd`` named ``cat/1.png`` must not make us read it. Links that stay inside
+    the folder are followed.
     Manifest image paths are resolved against the manifest's own directory, and a relative
     path may not lead out of it (``../../etc/passwd``, or a symlink that resolves elsewhere):
     a manifest is data, often from someone else, and must not make us read arbitrary files.
     Absolute paths are allowed -- writing one is an explicit choice. Parquet manifests may
     embed the image bytes (Hugging Face's ``{"bytes", "path"}`` struct).
     ``id_column``: a required column of unique ids (role "id"; manifests only).
+    ``label_kind``: "label" (one label per image) or "labels" (a list or a separated string:
+    multi-label); a manifest label of another type is a bad record (:func:`read_records`' kinds).
     ``limit``, ``on_bad_record`` and ``skipped`` work as in :func:`read_records`.
     """
     path = Path(path)
@@ -90,7 +97,8 @@ def read_image_records(
     sink = skipped if skipped is not None else []
     records = read_records(path, columns=columns, format=format, limit=limit, hints=hints,
                            encoding=encoding, on_bad_record=on_bad_record, skipped=sink,
-                           unique=("id",) if id_column is not None else ())
+                           unique=("id",) if id_column is not None else (),
+                           kinds={"label": label_kind, "id": "id"})
     base = path.resolve().parent
     out = []
     for record in records:
@@ -161,9 +169,23 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted((p for p in folder.rglob("*") if _is_image(p)), key=lambda p: p.relative_to(folder).as_posix())
 
 
+def _inside(root: Path, path: Path) -> Path:
+    """``path`` resolved, refused when a link takes it out of ``root`` (which is resolved). Never
+    skippable, like a manifest path that escapes: skipping would hide that the folder reaches out."""
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        shown = f"{root.name}/{path.relative_to(root).as_posix()}"
+        raise TuneforgeError(
+            f"{shown} is a link to {real}, outside the image folder {root}; links inside an image folder must "
+            "stay inside it — copy the file (or folder) into the image folder instead of linking it, or list "
+            "the images in a CSV manifest with absolute paths if you mean to use files from elsewhere"
+        )
+    return real
+
+
 def _read_folder(root: Path, *, labelled: bool, limit: int | None) -> list[Record]:
     def record(file: Path, label: str | None) -> Record:
-        values: dict[str, object] = {"image": str(file.resolve())}
+        values: dict[str, object] = {"image": str(_inside(root, file))}
         if label is not None:
             values["label"] = label
         return Record(values=values, where=f"{root.name}/{file.relative_to(root).as_posix()}")
@@ -177,6 +199,7 @@ def _read_folder(root: Path, *, labelled: bool, limit: int | None) -> list[Recor
 
     per_class: dict[str, list[Path]] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        _inside(root, sub)  # a class folder linked from elsewhere
         files = _images_under(sub)
         if files:
             per_class[sub.name] = files

@@ -13,7 +13,8 @@ Accepted shapes (``task.format: auto`` picks by the keys of each record):
 - ``text``:              ``{"text": "..."}`` (``data.text_column``), or a ``.txt`` file whose
                           blank-line separated paragraphs are the documents
 - ``preference``:        ``{"prompt": "..." | [messages], "chosen": "..." | [messages],
-                          "rejected": "..." | [messages]}``
+                          "rejected": "..." | [messages]}``; a pair whose chosen and rejected
+                          replies are the same is a bad record
 """
 
 from __future__ import annotations
@@ -191,6 +192,11 @@ def to_preference(obj, where: str) -> dict:
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[-1]["role"] != "assistant":
             raise TuneforgeError(f"{where}: '{name}' must end with an assistant reply")
+    if [(t["role"], t["content"].strip()) for t in chosen] == [(t["role"], t["content"].strip()) for t in rejected]:
+        # the DPO/SimPO loss of such a pair is a constant (log 2): it teaches nothing, and a file full of
+        # them is usually a column mapped twice
+        raise TuneforgeError(f"{where}: 'chosen' and 'rejected' are the same reply, so there is nothing to prefer "
+                             "— fix the pair or delete it")
     return {"format": "preference", "prompt": _turns(obj["prompt"], where, "prompt"), "chosen": chosen,
             "rejected": rejected,
             # message lists are chat data (a chat template under `auto`), strings are prompt/completion data

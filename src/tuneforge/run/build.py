@@ -49,8 +49,10 @@ def resolve_compute(job) -> None:
 def read_data(job) -> None:
     """The task, every split's records (validation held out from train when absent), the labels."""
     from ..data.fingerprint import file_fingerprint
+    from ..data.overlap import check_overlap
     from ..data.splits import stratified_split
     from ..tasks import get_task
+    from ..tasks.base import canonical_label
 
     recipe, log = job.recipe, job.log
     job.task = task = get_task(recipe)
@@ -71,19 +73,20 @@ def read_data(job) -> None:
     if "validation" not in splits:
         def label_of(record) -> str:
             labels = task.record_labels(record)
-            return str(labels[0]) if labels else ""
+            return canonical_label(labels[0]) if labels else ""  # "01" and "1" are one stratum
 
         splits["train"], splits["validation"] = stratified_split(
             splits["train"], label_of, data.validation_split, recipe.train.seed)[:2]
         log(f"validation: held out {len(splits['validation'])} of the training rows "
             f"(data.validation_split={data.validation_split}, stratified, seed {recipe.train.seed})")
+    check_overlap(splits, allow=data.allow_overlap, log=log, paths={s: getattr(data, s) for s in job.rows})
     for split, items in job.skipped.items():
         if items:
             log(f"[yellow]skipped {len(items)} bad {split} record(s)[/]: " + "; ".join(map(str, items[:3]))
                 + (" ..." if len(items) > 3 else ""))
     job.labels = task.label_map(splits["train"])
     log("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " examples"
-        + (f"; {len(job.labels)} labels" if len(job.labels) else ""))
+        + (f"; {job.labels.summary()}" if len(job.labels) else ""))
     job.fingerprints = {s: file_fingerprint(getattr(data, s)) for s in job.rows}
 
 
@@ -104,7 +107,7 @@ def build_model(job) -> None:
         raise TuneforgeError(
             f"model '{m.name}' is a {loaded.info.modality} model but task.type is {recipe.task.type}; "
             f"pick a {task.modality} model (see `tuneforge models`) or change task.type")
-    task.attach(loaded)
+    task.attach(loaded, log=log)
     model = task.build_model(loaded, job.labels)
     if job.init_from:
         from .resume import warm_start

@@ -4,7 +4,10 @@ loss and metrics. Text and image tasks differ only in reading and batching."""
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol
 
 import torch
@@ -80,39 +83,74 @@ class Task(Protocol):
 @dataclass
 class LabelMap:
     """Label names <-> ids, saved with the model. ``kind`` remembers whether the
-    data used integers so predictions come back in the user's own type."""
+    data used integers so predictions come back in the user's own type.
+
+    Spellings of one label are one class: surrounding whitespace never counts
+    (``"pos "`` is ``"pos"``), and numbers are compared by value (``1``, ``"01"``,
+    ``"1.0"`` and JSON ``1.0`` are one class; a number written more than one way is
+    named by its plain form, ``1``, and one written one way keeps it: ``"07"``).
+    ``counts`` and ``merged`` describe the training labels the map was built from
+    (:meth:`summary`); they are not saved."""
 
     names: list[str]
     kind: str = "str"  # "str" | "int"
     multi_label: bool = False
+    counts: dict[str, int] = field(default_factory=dict, repr=False, compare=False)  # name -> training examples
+    merged: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)  # name -> spellings
     _index: dict[str, int] = field(default_factory=dict, repr=False)
+    _by_key: dict[tuple, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self._index = {n: i for i, n in enumerate(self.names)}
+        self._by_key = {}
+        for i, n in enumerate(self.names):
+            self._by_key.setdefault(label_key(n), i)  # a map saved before spellings merged may repeat a key
 
     def __len__(self) -> int:
         return len(self.names)
 
     @classmethod
     def from_values(cls, values: list[Any], multi_label: bool = False) -> "LabelMap":
-        flat = {str(v) for v in values}
-        is_int = all(_is_int(v) for v in flat)
-        names = sorted(flat, key=(lambda v: int(v)) if is_int else None)
-        return cls(names=names, kind="int" if is_int else "str", multi_label=multi_label)
+        spellings: dict[tuple, Counter] = {}
+        for v in values:
+            text = str(clean_label(v))
+            spellings.setdefault(label_key(text), Counter())[text] += 1
+        # only numbers can be spelt two ways (text keys are the stripped text itself)
+        named = {key: key[1] if len(seen) > 1 else next(iter(seen)) for key, seen in spellings.items()}
+        is_int = all(_is_int(n) for n in named.values())
+        names = sorted(named.values(), key=(lambda v: int(v)) if is_int else None)
+        counts = {named[k]: sum(seen.values()) for k, seen in spellings.items()}
+        merged = {named[k]: list(seen) for k, seen in spellings.items() if len(seen) > 1}
+        return cls(names=names, kind="int" if is_int else "str", multi_label=multi_label, counts=counts,
+                   merged=merged)
 
     def id(self, value: Any, where: str) -> int:
-        try:
-            return self._index[str(value)]
-        except KeyError:
+        text = str(clean_label(value))
+        found = self._index.get(text)
+        if found is None:
+            found = self._by_key.get(label_key(text))
+        if found is None:
             shown = ", ".join(self.names[:20]) + (" ..." if len(self.names) > 20 else "")
             raise TuneforgeError(
                 f"{where}: label '{value}' does not occur in the training data (training labels: {shown}); "
                 "fix the label, add examples of it to the training data, or delete that row"
-            ) from None
+            )
+        return found
 
     def name(self, index: int) -> Any:
         name = self.names[index]
         return int(name) if self.kind == "int" else name
+
+    def summary(self, limit: int = 20) -> str:
+        """"labels (2): neg 30, pos 28" (most frequent first), plus the spellings taken as one."""
+        ranked = sorted(self.names, key=lambda n: -self.counts.get(n, 0))
+        shown = ", ".join(f"{n} {self.counts.get(n, 0)}" for n in ranked[:limit])
+        more = f", ... and {len(ranked) - limit} more" if len(ranked) > limit else ""
+        line = f"labels ({len(self.names)}): {shown}{more}"
+        for name, forms in self.merged.items():
+            line += (f"; {' / '.join(repr(f) for f in forms)} are one label ('{name}'): the same value written "
+                     "differently")
+        return line
 
     def to_json(self) -> dict:
         return {"names": self.names, "kind": self.kind, "multi_label": self.multi_label}
@@ -130,6 +168,40 @@ def _is_int(text: str) -> bool:
         return str(int(text)) == text
     except ValueError:
         return False
+
+
+def clean_label(value: Any) -> Any:
+    """A label as the file holds it, minus what no one means: surrounding whitespace, and the
+    ``.0`` of a whole float (a Parquet integer column with a gap is stored as float64)."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
+
+
+def label_key(text: Any) -> tuple:
+    """What makes two spellings one label: the value of a number ("01", "1", "1.0", "+1"), else the text."""
+    text = str(text).strip()
+    if _NUMBER.fullmatch(text):
+        return ("number", format(Decimal(text).normalize(), "f"))
+    return ("text", text)
+
+
+def canonical_label(value: Any) -> str:
+    """One string per class, whatever the spelling ("01", " 1", 1.0 -> "1"): what to stratify by."""
+    return label_key(str(clean_label(value)))[1]
+
+
+def _label_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a number in a string" if _NUMBER.fullmatch(str(value).strip()) else "a string"
 
 
 # --------------------------------------------------------------------------- model
@@ -175,6 +247,26 @@ class Classifier(nn.Module):
         return self.task_head(self.dropout(pooled))  # (B, num_labels)
 
 
+def _check_label_types(records: list, labels_of) -> None:
+    """Refuse a label column that mixes JSON types: ``true`` beside ``1`` or ``"yes"``, or ``1``
+    beside ``"pos"``. A number and a string holding a number agree (they compare by value), and
+    CSV cells are all strings, so only JSON and Parquet labels can clash."""
+    first: dict[str, tuple] = {}  # type -> (its first label, where); insertion order is first seen
+    for r in records:
+        for v in labels_of(r):
+            first.setdefault(_label_type(v), (v, r.where))
+    clash = [(a, b) for a in first for b in first if list(first).index(a) < list(first).index(b)
+             and ("a boolean" in (a, b) or {a, b} == {"a number", "a string"})]
+    if clash:
+        a, b = clash[0]
+        (va, wa), (vb, wb) = first[a], first[b]
+        raise TuneforgeError(
+            f"{wb}: the label {json.dumps(vb)} is {b}, but {wa} has {json.dumps(va)}, {a}: the label column mixes "
+            "types, so one class could be counted as two — write every label the same way (all strings, all "
+            "integers or all booleans), then train again"
+        )
+
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "features", "prefix_activations")
 
 
@@ -198,12 +290,13 @@ class ClassificationTask:
     def record_labels(self, record) -> list[Any]:
         value = record.values["label"]
         if not self.multi_label:
-            return [value]
+            return [clean_label(value)]
         if isinstance(value, (list, tuple)):
-            return list(value)
+            return [clean_label(v) for v in value]
         return [v.strip() for v in str(value).split(self.recipe.task.label_separator) if v.strip()]
 
     def label_map(self, train_records: list) -> LabelMap:
+        _check_label_types(train_records, self.record_labels)
         values = [v for r in train_records for v in self.record_labels(r)]
         labels = LabelMap.from_values(values, multi_label=self.multi_label)
         if len(labels) < 2 and not self.multi_label:

@@ -131,7 +131,7 @@ class CausalLMTask:
     def label_map(self, train_records: list) -> LabelMap:
         return LabelMap(names=[])
 
-    def attach(self, loaded) -> None:
+    def attach(self, loaded, log=None) -> None:
         if loaded.tokenizer is None:
             raise TuneforgeError(f"model '{loaded.info.source}' has no tokenizer; save it next to the weights")
         if loaded.lm_head is None:
@@ -141,6 +141,8 @@ class CausalLMTask:
         limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
                       if isinstance(getattr(config, k, None), int)), DEFAULT_MAX_LENGTH)
         self.model_max_length = limit
+        if self.max_length and self.max_length > limit and log is not None:
+            log(f"[yellow]task.max_length {self.max_length} capped at {limit}[/]: this model's positions")
         self.max_length = min(self.max_length or min(limit, DEFAULT_MAX_LENGTH), limit)
 
     def build_template(self, data_format: str) -> Template:

@@ -70,14 +70,14 @@ class ImageClassification(ClassificationTask):
             path, image_column=data.column(split, "image"), label_column=data.column(split, "label"), limit=limit,
             hints={"image": f"{scope}.image_column", "label": f"{scope}.label_column", "id": "data.id_column"},
             format=data.format, encoding=data.encoding, on_bad_record=data.on_bad_record, skipped=skipped,
-            id_column=data.id_column,
+            id_column=data.id_column, label_kind="labels" if self.multi_label else "label",
         )
         # Decode every image once, now: a corrupt file found hours into training
         # would cost the whole run (and in a loader worker its error is buried).
         return filter_readable_images(records, on_bad_record=data.on_bad_record, skipped=skipped,
                                       max_pixels=data.max_image_pixels)
 
-    def attach(self, loaded) -> None:
+    def attach(self, loaded, log=None) -> None:
         self.preprocessing = dict(loaded.info.preprocessing)
         size = self.recipe.task.image_size
         if size:

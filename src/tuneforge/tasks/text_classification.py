@@ -129,15 +129,19 @@ class TextClassification(ClassificationTask):
             encoding=data.encoding, on_bad_record=data.on_bad_record, skipped=skipped,
             hints={"text": f"{scope}.text_column", "label": f"{scope}.label_column", "id": "data.id_column"},
             unique=("id",) if data.id_column else (),
+            kinds={"text": "text", "label": "labels" if self.multi_label else "label", "id": "id"},
         )
 
-    def attach(self, loaded) -> None:
-        """Take the tokenizer and the length limit from the loaded model."""
+    def attach(self, loaded, log=None) -> None:
+        """Take the tokenizer and the length limit from the loaded model (``log``: where a
+        task.max_length beyond that limit is reported as capped)."""
         if loaded.tokenizer is None:
             raise TuneforgeError(f"model '{loaded.info.source}' has no tokenizer; text tasks need a Hugging Face text model")
         self.tokenizer = loaded.tokenizer
         limit = loaded.info.preprocessing.get("max_length", 512)
         self.model_max_length = limit
+        if self.max_length and self.max_length > limit and log is not None:
+            log(f"[yellow]task.max_length {self.max_length} capped at {limit}[/]: the most tokens this model takes")
         self.max_length = min(self.max_length or limit, limit)
         if self.needs_lm_head:
             from .label_words import LabelWords, check_decoder

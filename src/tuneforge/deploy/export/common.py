@@ -31,23 +31,29 @@ class _Logits(nn.Module):
 
 def sample_inputs(run_dir: Path, task, n: int) -> tuple[dict, list | None, str]:
     """Up to ``n`` encoded inputs from the run's own data (validation first), their label
-    ids when known, and a line saying where they came from."""
+    ids when known, and a line saying where they came from.
+
+    The files are read with the run's own column mapping (its ``config.yaml``), not the saved
+    task's: a loaded task knows its task settings but not the run's data section, so it would
+    look for the default columns and, not finding them in (say) SST-2's ``sentence``, leave
+    the check to random tokens."""
     from ...recipe import from_run_config
 
     config = run_dir / "config.yaml"
     modality = modality_of(task.modality)
     if config.exists():
-        recipe = from_run_config(config)  # runs of any version, old flat task blocks included
+        data = from_run_config(config).data  # runs of any version, old flat task blocks included
         for split in ("validation", "test", "train"):
-            path = getattr(recipe.data, split, None)
+            path = getattr(data, split, None)
             if not path or not Path(path).exists():
                 continue
             try:
-                records = task.read(split, path, limit=n, skipped=[])
-            except TuneforgeError:
+                records = modality.read_inputs(path, column=data.column(split, modality.input),
+                                               label_column=data.column(split, "label"), limit=n, data=data, hints={})
+                inputs = task.encode_inputs([r.values[modality.input] for r in records]) if records else None
+            except TuneforgeError:  # an unreadable row or image: try the next split
                 continue
             if records:
-                inputs = task.encode_inputs([r.values[modality.input] for r in records])
                 return inputs, [r.values.get("label") for r in records], f"{len(records)} rows of {path}"
     g = torch.Generator().manual_seed(0)
     return (modality.synthetic(task, 4, g), None,

@@ -118,9 +118,15 @@ def export_causal_lm(model, task, meta: dict, fmt: str, out: Path, log) -> dict:
         with torch.inference_mode():
             got = AutoModelForCausalLM.from_pretrained(str(tmp)).eval()(input_ids=ids).logits.float()
         diff = float((got - reference).abs().max())
-        report = {"format": "hf", "max_abs_diff": diff, "tokens_checked": int(ids.numel()),
+        # the keys every export report has (the CLI prints them); "labels" of a causal LM are its
+        # next-token predictions, one per position of the sample
+        agreement = float((got.argmax(-1) == reference.argmax(-1)).float().mean())
+        ok = diff <= 1e-3 * max(1.0, float(reference.abs().max()))
+        report = {"format": "hf", "max_abs_diff": diff, "label_agreement": agreement,
+                  "rule": "|diff| <= 1e-3 x max(1, |logit|) on every next-token logit",
+                  "check": "passed" if ok else "FAILED", "tokens_checked": int(ids.numel()),
                   "merged": plain is not model, "chat_template": task.template_name}
-        if diff > 1e-3 * max(1.0, float(reference.abs().max())):
+        if not ok:
             raise TuneforgeError(f"the exported causal LM's logits differ from the run's by up to {diff:.3g} "
                                  "(tolerance 1e-3 x max(1, |logit|)); nothing was written")
         publish(tmp, out, report)

@@ -1,10 +1,17 @@
 """The training loop, read top to bottom.
 
-It owns only the loop: micro-batches and accumulation, mixed precision,
+It owns only the loop: micro-batches and token-weighted accumulation, mixed precision,
 clipping, the optimizer and schedule step, evaluation, and the events that
 callbacks hook into. Everything else (what the model is, which parameters
 train, what the loss is, logging, checkpoints, early stopping) comes in from
 outside.
+
+The task's side of the contract (tasks/base.py): ``task.forward(model, batch)`` returns
+``{"loss_sum": (), "count": () or int, "logits": ...}``, the loss summed over what it is
+averaged over (target tokens, examples, pairs) and how many of those there were. The
+step's gradient is the mean over every target of every accumulated micro-batch, however
+unevenly they are spread (completion-only loss makes token counts vary a lot); a mean
+of per-micro-batch means would weight a short reply's tokens more than a long one's.
 """
 
 from __future__ import annotations
@@ -61,8 +68,9 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         # fp16 needs loss scaling; bf16 has fp32's exponent range and does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        self._loss_sum = torch.zeros((), device=device)  # summed on-device: no per-step host sync
-        self._loss_count = 0
+        # The training loss since the last log line, summed on-device: no per-step host sync.
+        self._loss_sum = torch.zeros((), device=device)
+        self._loss_count = torch.zeros((), dtype=torch.long, device=device)
         self.flops_per_unit: float | None = None
         self.peak_flops: float | None = None
         self.channels_last = False  # images converted to NHWC on the way in (train.channels_last)
@@ -88,12 +96,11 @@ class Trainer:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
 
     def pop_train_loss(self) -> float | None:
-        if not self._loss_count:
-            return None
-        value = float(self._loss_sum) / self._loss_count
+        """The mean training loss over every target since the last call (one host sync)."""
+        loss_sum, count = torch.stack((self._loss_sum, self._loss_count.to(self._loss_sum.dtype))).tolist()
         self._loss_sum.zero_()
-        self._loss_count = 0
-        return value
+        self._loss_count.zero_()
+        return loss_sum / count if count else None
 
     def checkpoint_meta(self) -> dict:
         """Everything besides tensors that an exact resume needs."""
@@ -101,15 +108,19 @@ class Trainer:
         return {
             "step": s.step, "epoch": s.epoch_float,
             "trainer": {k: getattr(s, k) for k in TrainState.RESUMED},
-            "pending_loss": [float(self._loss_sum), self._loss_count],
+            "pending_loss_sum": [float(self._loss_sum), int(self._loss_count)],
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")},
         }
 
     def restore(self, meta: dict) -> None:
         for k, v in meta["trainer"].items():
             setattr(self.state, k, v)
-        self._loss_sum.fill_(meta["pending_loss"][0])
-        self._loss_count = meta["pending_loss"][1]
+        # A checkpoint from before token weighting holds a sum of micro-batch means
+        # ("pending_loss"), which does not mix with sums over targets: its first log line
+        # after resuming averages the steps after the checkpoint only.
+        loss_sum, count = meta.get("pending_loss_sum", (0.0, 0))
+        self._loss_sum.fill_(loss_sum)
+        self._loss_count.fill_(count)
         states = meta["callbacks"]
         for cb in self.callbacks:
             if hasattr(cb, "load_state_dict") and type(cb).__name__ in states:
@@ -215,31 +226,42 @@ class Trainer:
             self.fire("on_epoch_start")
             n_micro = self.micro_per_epoch
             finite = torch.ones((), dtype=torch.bool, device=self.device)
-            step_indices = []
+            step_indices, unit, total = [], None, 0
             for i, batch in enumerate(self.train_loader, start=s.micro):
                 if "attention_mask" in batch:  # counted on the host copy: no device sync
                     s.tokens += int(batch["attention_mask"].sum())
                     s.positions += batch["attention_mask"].numel()
                 batch = self.to_device(batch)
                 with self.autocast():
-                    out = self.task.forward(self.model, batch)  # {"loss": (), "logits": (B, C)}
-                loss = out["loss"]
-                # Average over the accumulated micro-batches; the last group of an
-                # epoch may be shorter than grad_accum.
-                group = min(cfg.grad_accum, n_micro - (i // cfg.grad_accum) * cfg.grad_accum)
-                self.scaler.scale(loss / group).backward()
-                finite &= torch.isfinite(loss.detach())  # on-device; read once per step
+                    out = self.task.forward(self.model, batch)  # {"loss_sum": (), "count": () or int, "logits"}
+                loss_sum, count = out["loss_sum"], out["count"]
+                # Every micro-batch of the step backpropagates its sum over one common unit, the
+                # first one's count: the accumulated gradient is then the exact sum, at a mean
+                # loss's magnitude (fp16's loss scale sees what it always saw, and one
+                # micro-batch per step is the plain mean). Rescaled to the mean below.
+                if unit is None:
+                    unit = count.clamp(min=1) if torch.is_tensor(count) else max(count, 1)
+                self.scaler.scale(loss_sum / unit).backward()
+                total = total + count
+                finite &= torch.isfinite(loss_sum.detach())  # on-device; read once per step
                 step_indices.append(batch["index"].cpu())
-                self._loss_sum += loss.detach().float()
-                self._loss_count += 1
+                self._loss_sum += loss_sum.detach().float()
+                self._loss_count += count
                 s.examples += batch.get("num_examples", len(batch["labels"]))  # packed rows hold several
                 s.micro = i + 1
                 if (i + 1) % cfg.grad_accum and i + 1 != n_micro:
-                    continue  # still accumulating
+                    continue  # still accumulating (an epoch's last group may be shorter than grad_accum)
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 grad_norm = None
                 if cfg.max_grad_norm:
-                    self.scaler.unscale_(self.optimizer)
-                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    self.scaler.unscale_(self.optimizer)  # clip true gradients, not fp16-scaled ones
+                if len(step_indices) > 1:  # one micro-batch: unit == total already
+                    # mean over every target of the step (torchtune: scale by current_num_tokens)
+                    grads = [p.grad for p in params if p.grad is not None]
+                    scale = unit / (total.clamp(min=1) if torch.is_tensor(total) else max(total, 1))
+                    if grads:
+                        torch._foreach_mul_(grads, scale)  # one fused pass; a device scalar needs no sync
+                if cfg.max_grad_norm:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 # fp16's GradScaler skips inf steps itself; for bf16/fp32 we check here
                 # (one host sync per optimizer step, not per micro-batch).
@@ -252,7 +274,7 @@ class Trainer:
                     s.step += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 finite = torch.ones((), dtype=torch.bool, device=self.device)
-                step_indices = []
+                step_indices, unit, total = [], None, 0
                 if not stepped:
                     continue
                 s.epoch_float = s.epoch + (i + 1) / n_micro
@@ -287,14 +309,16 @@ class Trainer:
 
 @torch.inference_mode()
 def evaluate_loader(model, task, loader, metrics, device, autocast=contextlib.nullcontext, track=iter) -> dict:
-    """Stream a loader through the model, updating metrics batch by batch."""
+    """Stream a loader through the model, updating metrics batch by batch: a split's loss is
+    its total loss sum over its total count, whatever the batching."""
     model.eval()
     t0 = time.perf_counter()
     for batch in track(loader):
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast():
-            out = task.forward(model, batch)  # {"loss": (), "logits": (B, C)}
-        metrics.update(out["logits"], batch["labels"], out["loss"], index=batch.get("index"))
+            out = task.forward(model, batch)  # {"loss_sum": (), "count": () or int, "logits": (B, C)}
+        metrics.update(out["logits"], batch["labels"], loss_sum=out["loss_sum"], count=out["count"],
+                       index=batch.get("index"))
     result = metrics.compute()
     result["eval_seconds"] = round(time.perf_counter() - t0, 3)
     return result

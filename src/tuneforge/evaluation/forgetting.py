@@ -111,7 +111,8 @@ class RetainMonitor(Callback):
 
         m = ClassificationMetrics(len(self.head_labels), names=self.head_labels.names)
         logits = self.head(feats)  # (N, C_A)
-        m.update(logits, self.targets, torch.nn.functional.cross_entropy(logits, self.targets))
+        m.update(logits, self.targets, loss_sum=torch.nn.functional.cross_entropy(logits, self.targets, reduction="sum"),
+                 count=len(self.targets))
         out = m.compute()
         return {k: out[k] for k in ("accuracy", "f1_macro", "loss")}
 

@@ -22,8 +22,16 @@ class Task(Protocol):
     def build_model(self, loaded, labels: "LabelMap") -> nn.Module: ...
     def dataset(self, records: list, labels: "LabelMap", split: str) -> torch.utils.data.Dataset: ...
     def loader(self, dataset, batch_size: int, *, train: bool, seed: int) -> torch.utils.data.DataLoader: ...
-    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]: ...
-    def metrics(self, labels: "LabelMap"): ...
+    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """``{"loss_sum": (), "count": () or int, "logits": ..., ...}``: the loss summed over what
+        it is averaged over (examples for a classifier, target tokens for a causal LM, pairs for
+        preference) and how many of those the batch holds. The engine backpropagates sums and
+        divides by the total count of the step, so accumulated micro-batches weigh each target
+        once, however unevenly they are spread (engine/trainer.py)."""
+
+    def metrics(self, labels: "LabelMap"):
+        """``update(logits, labels, *, loss_sum, count, index)`` per batch; ``compute() -> dict``
+        with the split's loss as total sum / total count."""
     def settings(self) -> dict: ...
 
 
@@ -177,11 +185,12 @@ class ClassificationTask:
     def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})  # (B, C)
         labels = batch["labels"]
-        if self.multi_label:
-            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        if self.multi_label:  # one example's loss is its mean over the labels
+            per_example = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(1)
+            loss_sum = per_example.sum()
         else:
-            loss = F.cross_entropy(logits.float(), labels)
-        return {"loss": loss, "logits": logits}
+            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+        return {"loss_sum": loss_sum, "count": len(labels), "logits": logits}
 
     def metrics(self, labels: LabelMap):
         from ..evaluation.metrics import ClassificationMetrics

@@ -60,10 +60,8 @@ def trainer_grads(model, task, loader, metrics) -> dict:
     optimizer = GradCapture(_trainable(model))
     cfg = SimpleNamespace(grad_accum=2, max_steps=1, epochs=1, max_grad_norm=None, on_nonfinite="error",
                           eval_every=None, log_every=1, flush_denormal=False)
-    trainer = Trainer(model=model, task=task, strategy=SimpleNamespace(set_train_mode=lambda m: m.eval()),
-                      optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-                      train_loader=loader, val_loader=loader, cfg=cfg, device=CPU, amp_dtype=None,
-                      metrics_factory=metrics)
+    trainer = Trainer(model=model, task=task, optimizer=optimizer, train_loader=loader, val_loader=loader, cfg=cfg,
+                      device=CPU, amp_dtype=None, metrics_factory=metrics, train_mode=lambda m: m.eval())
     assert len(loader) == 2  # two micro-batches: one step
     trainer.fit()
     return optimizer.grads

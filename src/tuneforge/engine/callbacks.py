@@ -58,7 +58,7 @@ class MetricsLog(Callback):
 
     def on_step_end(self, trainer) -> None:
         s = trainer.state
-        if s.step % self.log_every and s.step != trainer.total_steps:
+        if s.step % self.log_every and s.step != trainer.plan.total_steps:
             return
         now = time.perf_counter()
         last = self.last

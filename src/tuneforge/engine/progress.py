@@ -24,7 +24,7 @@ class RichProgress(Callback):
             console=self.console, transient=False,
         )
         self.progress.start()
-        self.task_id = self.progress.add_task("train", total=trainer.total_steps, info="")
+        self.task_id = self.progress.add_task("train", total=trainer.plan.total_steps, info="")
         self.t0, self.seen0 = time.perf_counter(), 0
 
     def on_step_end(self, trainer) -> None:

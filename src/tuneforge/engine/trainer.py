@@ -17,11 +17,13 @@ of per-micro-batch means would weight a short reply's tokens more than a long on
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+
+from .plan import TrainConfig, TrainPlan
 
 
 @dataclass
@@ -51,21 +53,28 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, *, model, task, strategy, optimizer, scheduler, train_loader, val_loader,
-                 cfg, device: torch.device, amp_dtype: torch.dtype | None, metrics_factory, callbacks=()):
-        self.model, self.task, self.strategy = model, task, strategy
+    def __init__(self, *, model, task, optimizer, train_loader, val_loader, cfg: TrainConfig, device: torch.device,
+                 amp_dtype: torch.dtype | None, metrics_factory, scheduler=None, callbacks=(),
+                 plan: TrainPlan | None = None, train_mode: Callable | None = None,
+                 prepare_batch: Callable[[dict], dict] | None = None):
+        """``task``: anything with ``forward(model, batch)`` (above). ``scheduler``: stepped after
+        every optimizer step (None: constant rates). ``train_mode(model)``: puts the model in
+        training mode (a strategy keeps frozen parts in eval mode); default ``model.train()``.
+        ``prepare_batch``: applied to each training batch once it is on the device (channels-last
+        images; evaluation batches are left as they come, as they always were)."""
+        self.model, self.task = model, task
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
         self.cfg, self.device, self.amp_dtype = cfg, device, amp_dtype
         self.metrics_factory = metrics_factory
+        self.plan = plan or TrainPlan.of(train_loader, cfg)
+        self.train_mode = train_mode or (lambda m: m.train())
+        self.prepare_batch = prepare_batch
         # Checkpoints hold what the optimizer holds: every parameter that trains at any point.
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.optimized_names = {n for n, p in model.named_parameters() if id(p) in held}
         self.callbacks = list(callbacks)
         self.state = TrainState()
-        self.micro_per_epoch = len(train_loader.batch_sampler)
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         # fp16 needs loss scaling; bf16 has fp32's exponent range and does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         # The training loss since the last log line, summed on-device: no per-step host sync.
@@ -73,8 +82,6 @@ class Trainer:
         self._loss_count = torch.zeros((), dtype=torch.long, device=device)
         self.flops_per_unit: float | None = None
         self.peak_flops: float | None = None
-        self.channels_last = False  # images converted to NHWC on the way in (train.channels_last)
-        self.replay = None  # a frozen-prefix activation replay to remove when the run ends
 
     # -- helpers ---------------------------------------------------------------------------
     def fire(self, event: str, *args) -> None:
@@ -88,9 +95,7 @@ class Trainer:
 
     def to_device(self, batch: dict) -> dict:
         out = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if self.channels_last and "pixel_values" in out:
-            out["pixel_values"] = out["pixel_values"].contiguous(memory_format=torch.channels_last)
-        return out
+        return self.prepare_batch(out) if self.prepare_batch else out
 
     def current_lrs(self) -> dict:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
@@ -213,18 +218,18 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> TrainState:
-        s, cfg = self.state, self.cfg
+        s, cfg, plan = self.state, self.cfg, self.plan
         eval_at_epoch_end = cfg.eval_every is None
         self.measure_flops()
         self.fire("on_fit_start")
-        while s.step < self.total_steps and not s.should_stop:
+        while s.step < plan.total_steps and not s.should_stop:
             sampler = self.train_loader.batch_sampler
             # Each epoch's order depends only on (seed, epoch); a resumed run skips the
             # micro-batches it already consumed, without loading them.
             sampler.set_epoch(s.epoch, start=s.micro)
-            self.strategy.set_train_mode(self.model)
+            self.train_mode(self.model)
             self.fire("on_epoch_start")
-            n_micro = self.micro_per_epoch
+            n_micro = plan.micro_per_epoch
             finite = torch.ones((), dtype=torch.bool, device=self.device)
             step_indices, unit, total = [], None, 0
             for i, batch in enumerate(self.train_loader, start=s.micro):
@@ -270,7 +275,8 @@ class Trainer:
                 if stepped:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
-                    self.scheduler.step()
+                    if self.scheduler is not None:
+                        self.scheduler.step()
                     s.step += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 finite = torch.ones((), dtype=torch.bool, device=self.device)
@@ -281,7 +287,7 @@ class Trainer:
                 self.fire("on_step_end")
                 if self.eval_due():
                     self.run_eval()
-                if s.step >= self.total_steps or s.should_stop:
+                if s.step >= plan.total_steps or s.should_stop:
                     break
             else:
                 s.epoch, s.micro = s.epoch + 1, 0
@@ -298,7 +304,7 @@ class Trainer:
         metrics["step"] = self.state.step
         self.state.evals.append(metrics)
         self.fire("on_eval_end", metrics)
-        self.strategy.set_train_mode(self.model)
+        self.train_mode(self.model)
         return metrics
 
     def evaluate(self, loader, description: str = "eval") -> dict:

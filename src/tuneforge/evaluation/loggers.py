@@ -24,7 +24,7 @@ class TensorBoardLog(Callback):
 
     def on_step_end(self, trainer) -> None:
         s = trainer.state
-        if s.step % self.log_every and s.step != trainer.total_steps:
+        if s.step % self.log_every and s.step != trainer.plan.total_steps:
             return
         for group, lr in trainer.current_lrs().items():
             self.writer.add_scalar(f"lr/{group}", lr, s.step)
@@ -74,7 +74,7 @@ class MLflowLog(Callback):
 
     def on_step_end(self, trainer) -> None:
         s = trainer.state
-        if s.step % self.log_every and s.step != trainer.total_steps:
+        if s.step % self.log_every and s.step != trainer.plan.total_steps:
             return
         for group, lr in trainer.current_lrs().items():
             self._metric(f"lr/{group}", lr, s.step)

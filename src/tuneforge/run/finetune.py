@@ -225,10 +225,10 @@ def _finetune(recipe: Recipe, origin: str | None, device, console, log, *, argv,
 
     # Everything after this point is recorded in the manifest if it fails, so a
     # run directory never looks complete (or silently "running") when it is not.
-    trainer = None
+    trainer = replay = None
     try:
-        trainer, loaders, prep_s = _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, device,
-                                                  amp_dtype, console, log)
+        trainer, loaders, prep_s, replay = _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run,
+                                                          device, amp_dtype, console, log)
         if checkpoint is not None:
             from ..engine.checkpoint import load_resumable, restore_rng
 
@@ -279,8 +279,8 @@ def _finetune(recipe: Recipe, origin: str | None, device, console, log, *, argv,
                 + (f"; the last checkpoint (step {last}) resumes with --resume {run.path}" if last else "")) from err
         raise
     finally:
-        if trainer is not None and getattr(trainer, "replay", None) is not None:
-            trainer.replay.remove()  # the model's own forwards again, for whoever uses it next
+        if replay is not None:
+            replay.remove()  # the model's own forwards again, for whoever uses it next
     if recipe.output.report:
         _write_report(run.path, log)
     return Run(path=run.path, metrics=final, recipe=recipe, history=state.evals)
@@ -388,10 +388,12 @@ def _compile(model, task, log) -> None:
 
 
 def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, device, amp_dtype, console, log):
-    """Batches (texts tokenised here, once), optimizer, schedule, callbacks."""
+    """Batches (texts tokenised here, once), optimizer, schedule, callbacks -> the Trainer, built
+    complete; also the frozen-prefix replay the run removes when it ends (or None)."""
     from ..engine.callbacks import BestCheckpoint, EarlyStopping, MetricsLog, ResumeCheckpoint
     from ..engine.optim import build_optimizer, build_scheduler
-    from ..engine.precision import precision_name
+    from ..engine.plan import TrainPlan
+    from ..engine.precision import channels_last_images, precision_name
     from ..engine.progress import RichProgress
     from ..engine.trainer import Trainer
 
@@ -437,6 +439,8 @@ def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, d
                                     "total": sum(p.numel() for p in model.parameters())},
                         param_groups=[{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                                        "parameters": sum(p.numel() for p in g["params"])} for g in groups])
+    # The step counts first: the schedule and the strategy's callbacks are built from them.
+    plan = TrainPlan.of(loaders["train"], cfg)
     # Order matters: the strategy's events first (an unfreeze happens before the step's
     # checkpoint), and the resumable checkpoint records the state the others leave.
     strategy_callbacks = getattr(strategy, "callbacks", None)
@@ -455,21 +459,21 @@ def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, d
         from ..evaluation.forgetting import RetainMonitor
 
         callbacks.insert(0, RetainMonitor(task, recipe, run.path / "retain_reference.pt"))  # first: adds metrics
-    trainer = Trainer(model=model, task=task, strategy=strategy, optimizer=optimizer, scheduler=None,
-                      train_loader=loaders["train"], val_loader=loaders["validation"], cfg=cfg, device=device,
-                      amp_dtype=amp_dtype, metrics_factory=lambda: task.metrics(labels), callbacks=callbacks)
-    trainer.channels_last = _channels_last(recipe, task.modality, device)
+    if strategy_callbacks:
+        callbacks[:0] = strategy_callbacks(plan, log)
+    wrap = getattr(strategy, "wrap_schedule", None)
+    scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, cfg.warmup,
+                                wrap=wrap and (lambda fn: wrap(fn, plan)))
+    trainer = Trainer(model=model, task=task, optimizer=optimizer, scheduler=scheduler, train_loader=loaders["train"],
+                      val_loader=loaders["validation"], cfg=cfg, device=device, amp_dtype=amp_dtype,
+                      metrics_factory=lambda: task.metrics(labels), callbacks=callbacks, plan=plan,
+                      train_mode=strategy.set_train_mode,
+                      prepare_batch=channels_last_images if _channels_last(recipe, task.modality, device) else None)
     if cfg.flush_denormal and device.type == "cpu":
         log("denormals: flushed to zero while training and evaluating (train.flush_denormal)")
-    trainer.replay = replay  # removed when the run ends (pipeline's finally)
-    if strategy_callbacks:
-        trainer.callbacks[:0] = strategy_callbacks(trainer, log)
-    trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps, cfg.warmup,
-                                        wrap=getattr(strategy, "wrap_schedule", None) and
-                                        (lambda fn: strategy.wrap_schedule(fn, trainer)))
-    log(f"training: {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), batch {cfg.batch_size}"
+    log(f"training: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), batch {cfg.batch_size}"
         f"x{cfg.grad_accum}, {precision_name(amp_dtype)} on {device}")
-    return trainer, loaders, prep_s
+    return trainer, loaders, prep_s, replay
 
 
 def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, log, splits=None) -> dict:

@@ -38,8 +38,9 @@ class Strategy(Protocol):
     # Optional hooks (looked up with getattr; a strategy defines only what it needs):
     #   will_train(model) -> set[str]: parameter names the optimizer must hold from the start
     #       (default: those with requires_grad); gradual-unfreeze adds groups it unfreezes later.
-    #   callbacks(trainer, log) -> list[Callback]: events the strategy needs during training.
-    #   wrap_schedule(fn, trainer) -> fn: reshape the lr multiplier (per-stage re-warmup).
+    #   callbacks(plan, log) -> list[Callback]: events the strategy needs during training
+    #       (plan: engine.plan.TrainPlan, the step counts, known before the Trainer is built).
+    #   wrap_schedule(fn, plan) -> fn: reshape the lr multiplier (per-stage re-warmup).
     # Optimizer parameter groups (learning rates per layer group) are built for every
     # strategy by `param_groups` below, from ModelInfo layer groups, never per strategy.
 

@@ -7,13 +7,13 @@ fails on a loop that averaged per micro-batch (the engine before token weighting
 from __future__ import annotations
 
 import contextlib
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from helpers import text_recipe
 from tuneforge.llm.tiny import corpus_text, make_lm, make_tokenizer, write_jsonl
+from synth import SynthConfig
 from tuneforge.engine.trainer import Trainer
 from tuneforge.models import load_model
 from tuneforge.recipe import load_recipe
@@ -58,10 +58,9 @@ def _trainable(model) -> list:
 def trainer_grads(model, task, loader, metrics) -> dict:
     """The gradient of the first optimizer step of grad_accum=2 (dropout off: eval mode)."""
     optimizer = GradCapture(_trainable(model))
-    cfg = SimpleNamespace(grad_accum=2, max_steps=1, epochs=1, max_grad_norm=None, on_nonfinite="error",
-                          eval_every=None, log_every=1, flush_denormal=False)
-    trainer = Trainer(model=model, task=task, optimizer=optimizer, train_loader=loader, val_loader=loader, cfg=cfg,
-                      device=CPU, amp_dtype=None, metrics_factory=metrics, train_mode=lambda m: m.eval())
+    trainer = Trainer(model=model, task=task, optimizer=optimizer, train_loader=loader, val_loader=loader,
+                      cfg=SynthConfig(grad_accum=2, max_steps=1), device=CPU, amp_dtype=None,
+                      metrics_factory=metrics, train_mode=lambda m: m.eval())
     assert len(loader) == 2  # two micro-batches: one step
     trainer.fit()
     return optimizer.grads

@@ -1,10 +1,10 @@
 """The training loop, read top to bottom.
 
 It owns only the loop: micro-batches and token-weighted accumulation, mixed precision,
-clipping, the optimizer and schedule step, evaluation, and the events that
-callbacks hook into. Everything else (what the model is, which parameters
-train, what the loss is, logging, checkpoints, early stopping) comes in from
-outside.
+clipping, the optimizer and schedule step, the running training loss, evaluation, and the
+events that callbacks hook into (callbacks.py, which also says in what order they run).
+Everything else (what the model is, which parameters train, what the loss is, logging,
+checkpoints, early stopping, MFU) comes in from outside.
 
 The task's side of the contract (tasks/base.py): ``task.forward(model, batch)`` returns
 ``{"loss_sum": (), "count": () or int, "logits": ...}``, the loss summed over what it is
@@ -23,7 +23,9 @@ from typing import Callable
 
 import torch
 
+from ..errors import TuneforgeError
 from .plan import TrainConfig, TrainPlan
+from .throughput import speed
 
 
 @dataclass
@@ -35,11 +37,10 @@ class TrainState:
     examples: int = 0                # training examples seen
     tokens: int = 0                  # real (non-padding) tokens seen, text only
     positions: int = 0               # token positions computed, padding included
+    # Written by BestCheckpoint in on_eval_end (its declared output): an evaluation improved
+    # on the best so far exactly when best_step == step (see improved()).
     best_metric: float | None = None
     best_step: int | None = None
-    last_improved: bool = False
-    last_train_loss: float | None = None
-    last_speed: dict = field(default_factory=dict)
     should_stop: bool = False
     stop_reason: str = ""
     interrupted: bool = False        # stopped by SIGINT/SIGTERM: the caller saves and exits
@@ -50,6 +51,10 @@ class TrainState:
     # Fields a resumed run restores (the rest describe this process only).
     RESUMED = ("step", "epoch", "micro", "epoch_float", "examples", "tokens", "positions", "best_metric", "best_step",
                "skipped_nonfinite", "evals")
+
+    def improved(self) -> bool:
+        """Whether this step's evaluation is the best so far; for callbacks ordered after BEST."""
+        return self.best_step is not None and self.best_step == self.step
 
 
 class Trainer:
@@ -73,20 +78,23 @@ class Trainer:
         # Checkpoints hold what the optimizer holds: every parameter that trains at any point.
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.optimized_names = {n for n, p in model.named_parameters() if id(p) in held}
-        self.callbacks = list(callbacks)
+        self.callbacks = sorted(callbacks, key=lambda cb: cb.order)  # stable: equal orders keep list order
         self.state = TrainState()
         # fp16 needs loss scaling; bf16 has fp32's exponent range and does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         # The training loss since the last log line, summed on-device: no per-step host sync.
         self._loss_sum = torch.zeros((), device=device)
         self._loss_count = torch.zeros((), dtype=torch.long, device=device)
-        self.flops_per_unit: float | None = None
-        self.peak_flops: float | None = None
+        self._mark = (time.perf_counter(), 0, 0, 0)  # time, examples, tokens, positions at the last log
 
     # -- helpers ---------------------------------------------------------------------------
     def fire(self, event: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, event)(self, *args)
+
+    def record(self, event: dict) -> None:
+        """An event for the run's record (e.g. a strategy's unfreeze); MetricsLog writes it."""
+        self.fire("on_record", event)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -100,12 +108,17 @@ class Trainer:
     def current_lrs(self) -> dict:
         return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
 
-    def pop_train_loss(self) -> float | None:
-        """The mean training loss over every target since the last call (one host sync)."""
-        loss_sum, count = torch.stack((self._loss_sum, self._loss_count.to(self._loss_sum.dtype))).tolist()
-        self._loss_sum.zero_()
-        self._loss_count.zero_()
-        return loss_sum / count if count else None
+    def eval_due(self) -> bool:
+        return bool(self.cfg.eval_every) and self.state.step % self.cfg.eval_every == 0
+
+    def track(self, iterable, total: int, description: str):
+        for cb in self.callbacks:  # a progress callback wraps it; the others hand it back
+            iterable = cb.track(iterable, total, description)
+        return iterable
+
+    def save_resumable(self) -> None:
+        """A resumable checkpoint now (the run was interrupted between checkpoints)."""
+        self.fire("on_checkpoint_request")
 
     def checkpoint_meta(self) -> dict:
         """Everything besides tensors that an exact resume needs."""
@@ -114,7 +127,8 @@ class Trainer:
             "step": s.step, "epoch": s.epoch_float,
             "trainer": {k: getattr(s, k) for k in TrainState.RESUMED},
             "pending_loss_sum": [float(self._loss_sum), int(self._loss_count)],
-            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")},
+            # keyed by class name: checkpoints written by earlier versions load the same way
+            "callbacks": {type(cb).__name__: st for cb in self.callbacks if (st := cb.state_dict()) is not None},
         }
 
     def restore(self, meta: dict) -> None:
@@ -128,55 +142,9 @@ class Trainer:
         self._loss_count.fill_(count)
         states = meta["callbacks"]
         for cb in self.callbacks:
-            if hasattr(cb, "load_state_dict") and type(cb).__name__ in states:
+            if type(cb).__name__ in states:
                 cb.load_state_dict(states[type(cb).__name__])
         self.state.last_checkpoint_step = self.state.step
-
-    def measure_flops(self) -> None:
-        """FLOPs per real token (text) or per example (images), counted on one real batch,
-        and the machine's matmul peak in this precision: the two halves of MFU."""
-        from .throughput import count_train_flops, measure_matmul_peak
-
-        try:
-            # The peak first: once the loader's worker is decoding images beside it, a 2-core
-            # machine measured a peak 14x too low (and an EfficientNet MFU of 56%).
-            self.peak_flops = measure_matmul_peak(self.device, self.amp_dtype or torch.float32)
-            batch = next(iter(self.train_loader))
-            units = int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
-            self.flops_per_unit = count_train_flops(self.model, self.task, self.to_device(batch), self.autocast) / units
-        except Exception:  # a figure we cannot measure is left out, never guessed
-            self.flops_per_unit = self.peak_flops = None
-
-    def remeasure_peak(self) -> None:
-        """Measure the peak again after training and keep the higher figure: a peak caught
-        in a busy moment would flatter the run's MFU, a second look makes that less likely."""
-        from .throughput import measure_matmul_peak
-
-        if self.peak_flops:
-            try:
-                self.peak_flops = max(self.peak_flops, measure_matmul_peak(self.device, self.amp_dtype or torch.float32))
-            except Exception:
-                pass
-
-    def speed(self, seconds: float, examples: int, tokens: int, positions: int) -> dict:
-        """Throughput figures over an interval (also used for the whole run)."""
-        out = {"samples_per_s": round(examples / max(seconds, 1e-9), 2)}
-        units = examples
-        if positions:
-            out["tokens_per_s"] = round(tokens / max(seconds, 1e-9), 1)
-            out["padding_fraction"] = round(1 - tokens / positions, 4)
-            units = tokens
-        if self.flops_per_unit and self.peak_flops:
-            out["mfu"] = float(f"{self.flops_per_unit * units / max(seconds, 1e-9) / self.peak_flops:.4g}")  # 4 significant digits: tiny models too
-        return out
-
-    def eval_due(self) -> bool:
-        return bool(self.cfg.eval_every) and self.state.step % self.cfg.eval_every == 0
-
-    def save_resumable(self) -> None:
-        for cb in self.callbacks:
-            if hasattr(cb, "save") and hasattr(cb, "save_every"):
-                cb.save(self)
 
     def nonfinite(self, step_indices: list, loss_finite: bool) -> bool:
         """Handle a NaN/inf loss or gradient; True means skip this step."""
@@ -184,8 +152,6 @@ class Trainer:
         if self.cfg.on_nonfinite == "skip":
             self.state.skipped_nonfinite.append({"step": self.state.step + 1, "records": where[:8]})
             return True
-        from ..errors import TuneforgeError
-
         what = "loss" if not loss_finite else "gradient norm"
         last = self.state.last_checkpoint_step
         raise TuneforgeError(
@@ -199,12 +165,20 @@ class Trainer:
             getattr(r, "where", str(i)) for i, r in enumerate(getattr(self.train_loader.dataset, "records", []))]
         return [where[int(i)] if where else str(int(i)) for idx in step_indices for i in idx]
 
-    def track(self, iterable, total: int, description: str):
-        """Wrapped by a progress callback when one is present."""
-        for cb in self.callbacks:
-            if hasattr(cb, "track"):
-                return cb.track(iterable, total, description)
-        return iterable
+    def log_figures(self) -> dict:
+        """What on_log hands to the callbacks: the training loss since the last log as a
+        token-weighted mean (its host sync is the one sync of the interval), the learning
+        rates, and throughput over the interval (``interval`` holds the raw counts)."""
+        s, now = self.state, time.perf_counter()
+        t, examples, tokens, positions = self._mark
+        interval = {"seconds": now - t, "examples": s.examples - examples, "tokens": s.tokens - tokens,
+                    "positions": s.positions - positions}
+        self._mark = (now, s.examples, s.tokens, s.positions)
+        loss_sum, count = torch.stack((self._loss_sum, self._loss_count.to(self._loss_sum.dtype))).tolist()
+        self._loss_sum.zero_()
+        self._loss_count.zero_()
+        return {"step": s.step, "epoch": s.epoch_float, "loss": loss_sum / count if count else None,
+                "lr": self.current_lrs(), "speed": speed(**interval), "interval": interval, "time": now}
 
     # -- the loop --------------------------------------------------------------------------
     def flush_denormals(self):
@@ -220,16 +194,14 @@ class Trainer:
     def _fit(self) -> TrainState:
         s, cfg, plan = self.state, self.cfg, self.plan
         eval_at_epoch_end = cfg.eval_every is None
-        self.measure_flops()
         self.fire("on_fit_start")
+        self._mark = (time.perf_counter(), s.examples, s.tokens, s.positions)  # a resumed run measures from here
         while s.step < plan.total_steps and not s.should_stop:
-            sampler = self.train_loader.batch_sampler
             # Each epoch's order depends only on (seed, epoch); a resumed run skips the
             # micro-batches it already consumed, without loading them.
-            sampler.set_epoch(s.epoch, start=s.micro)
+            self.train_loader.batch_sampler.set_epoch(s.epoch, start=s.micro)
             self.train_mode(self.model)
             self.fire("on_epoch_start")
-            n_micro = plan.micro_per_epoch
             finite = torch.ones((), dtype=torch.bool, device=self.device)
             step_indices, unit, total = [], None, 0
             for i, batch in enumerate(self.train_loader, start=s.micro):
@@ -254,7 +226,7 @@ class Trainer:
                 self._loss_count += count
                 s.examples += batch.get("num_examples", len(batch["labels"]))  # packed rows hold several
                 s.micro = i + 1
-                if (i + 1) % cfg.grad_accum and i + 1 != n_micro:
+                if (i + 1) % cfg.grad_accum and i + 1 != plan.micro_per_epoch:
                     continue  # still accumulating (an epoch's last group may be shorter than grad_accum)
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 grad_norm = None
@@ -283,7 +255,9 @@ class Trainer:
                 step_indices, unit, total = [], None, 0
                 if not stepped:
                     continue
-                s.epoch_float = s.epoch + (i + 1) / n_micro
+                s.epoch_float = s.epoch + (i + 1) / plan.micro_per_epoch
+                if s.step % cfg.log_every == 0 or s.step == plan.total_steps:
+                    self.fire("on_log", self.log_figures())  # before on_step_end: its checkpoint holds the line
                 self.fire("on_step_end")
                 if self.eval_due():
                     self.run_eval()
@@ -309,8 +283,8 @@ class Trainer:
 
     def evaluate(self, loader, description: str = "eval") -> dict:
         with self.flush_denormals():
-            return evaluate_loader(self.model, self.task, loader, self.metrics_factory(), self.device,
-                                   self.autocast, lambda it: self.track(it, len(loader), description))
+            return evaluate_loader(self.model, self.task, loader, self.metrics_factory(), self.device, self.autocast,
+                                   lambda it: self.track(it, len(loader), description))
 
 
 @torch.inference_mode()

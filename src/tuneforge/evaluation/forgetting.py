@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TuneforgeError
-from ..engine.callbacks import Callback
+from ..engine.callbacks import METRICS, Callback
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -67,7 +67,9 @@ def read_retain(task, recipe) -> tuple[list, list | None]:
 
 
 class RetainMonitor(Callback):
-    """Adds ``retain_*`` figures to every evaluation's metrics (it must run first)."""
+    """Adds ``retain_*`` figures to every evaluation's metrics, before anything reads them."""
+
+    order = METRICS
 
     def __init__(self, task, recipe, reference_path: Path):
         self.task, self.recipe, self.reference_path = task, recipe, Path(reference_path)

@@ -227,8 +227,8 @@ def _finetune(recipe: Recipe, origin: str | None, device, console, log, *, argv,
     # run directory never looks complete (or silently "running") when it is not.
     trainer = replay = None
     try:
-        trainer, loaders, prep_s, replay = _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run,
-                                                          device, amp_dtype, console, log)
+        trainer, loaders, prep_s, replay, mfu = _build_trainer(recipe, task, splits, labels, model, loaded, strategy,
+                                                               run, device, amp_dtype, console, log)
         if checkpoint is not None:
             from ..engine.checkpoint import load_resumable, restore_rng
 
@@ -248,16 +248,16 @@ def _finetune(recipe: Recipe, origin: str | None, device, console, log, *, argv,
         if state.stop_reason:
             log(state.stop_reason)
         final = _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, log, splits)
-        trainer.remeasure_peak()  # outside the timed training
-        from ..engine.throughput import peak_memory
+        mfu.remeasure_peak()  # outside the timed training
+        from ..engine.throughput import peak_memory, speed
 
         eval_s = sum(e.get("eval_seconds", 0.0) for e in state.evals)
+        # throughput over training time without the evaluations inside it
+        counts = (train_s - eval_s, state.examples, state.tokens, state.positions)
         timings = {"preprocess_s": round(prep_s, 2), "train_s": round(train_s, 2), "eval_in_train_s": round(eval_s, 2),
-                   "total_s": round(time.perf_counter() - t_start, 2),
-                   # throughput over training time without the evaluations inside it
-                   **trainer.speed(train_s - eval_s, state.examples, state.tokens, state.positions),
-                   **peak_memory(device), "matmul_peak_flops": trainer.peak_flops,
-                   "train_flops_per_" + ("token" if state.positions else "example"): trainer.flops_per_unit}
+                   "total_s": round(time.perf_counter() - t_start, 2), **speed(*counts), **mfu.figures(*counts),
+                   **peak_memory(device), "matmul_peak_flops": mfu.peak_flops,
+                   "train_flops_per_" + ("token" if state.positions else "example"): mfu.flops_per_unit}
         log("speed: " + ", ".join(f"{k} {v}" for k, v in timings.items() if k in (
             "samples_per_s", "tokens_per_s", "padding_fraction", "mfu", "peak_rss_mb")))
         from ..evaluation.report import parameter_summary
@@ -389,8 +389,10 @@ def _compile(model, task, log) -> None:
 
 def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, device, amp_dtype, console, log):
     """Batches (texts tokenised here, once), optimizer, schedule, callbacks -> the Trainer, built
-    complete; also the frozen-prefix replay the run removes when it ends (or None)."""
+    complete; also the frozen-prefix replay the run removes when it ends (or None) and the MFU
+    callback whose figures go into the manifest."""
     from ..engine.callbacks import BestCheckpoint, EarlyStopping, MetricsLog, ResumeCheckpoint
+    from ..engine.mfu import MFU
     from ..engine.optim import build_optimizer, build_scheduler
     from ..engine.plan import TrainPlan
     from ..engine.precision import channels_last_images, precision_name
@@ -440,27 +442,26 @@ def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, d
                         param_groups=[{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                                        "parameters": sum(p.numel() for p in g["params"])} for g in groups])
     # The step counts first: the schedule and the strategy's callbacks are built from them.
+    # Callbacks declare their order (engine/callbacks.py), so the list order here is free.
     plan = TrainPlan.of(loaders["train"], cfg)
-    # Order matters: the strategy's events first (an unfreeze happens before the step's
-    # checkpoint), and the resumable checkpoint records the state the others leave.
-    strategy_callbacks = getattr(strategy, "callbacks", None)
-    callbacks = [MetricsLog(run.metrics_path, cfg.log_every),
-                 BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.early_stopping.min_delta)]
+    mfu = MFU(device, amp_dtype or torch.float32)
+    callbacks = [mfu, MetricsLog(run.metrics_path),
+                 BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.early_stopping.min_delta),
+                 ResumeCheckpoint(run.checkpoints, cfg.save_every, cfg.keep_checkpoints)]
     if recipe.output.loggers:
         from ..evaluation.loggers import build_loggers
 
-        callbacks += build_loggers(recipe.output.loggers, run.path, cfg.log_every, recipe)  # after MetricsLog: reuse its loss
+        callbacks += build_loggers(recipe.output.loggers, run.path, recipe)
     if cfg.early_stopping.patience:
         callbacks.append(EarlyStopping(cfg.early_stopping.patience))
-    callbacks.append(ResumeCheckpoint(run.checkpoints, cfg.save_every, cfg.keep_checkpoints))
     if cfg.progress:
         callbacks.append(RichProgress(console))
     if recipe.retain.data:
         from ..evaluation.forgetting import RetainMonitor
 
-        callbacks.insert(0, RetainMonitor(task, recipe, run.path / "retain_reference.pt"))  # first: adds metrics
-    if strategy_callbacks:
-        callbacks[:0] = strategy_callbacks(plan, log)
+        callbacks.append(RetainMonitor(task, recipe, run.path / "retain_reference.pt"))
+    if getattr(strategy, "callbacks", None):
+        callbacks += strategy.callbacks(plan, log)
     wrap = getattr(strategy, "wrap_schedule", None)
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, cfg.warmup,
                                 wrap=wrap and (lambda fn: wrap(fn, plan)))
@@ -473,7 +474,7 @@ def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, d
         log("denormals: flushed to zero while training and evaluating (train.flush_denormal)")
     log(f"training: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), batch {cfg.batch_size}"
         f"x{cfg.grad_accum}, {precision_name(amp_dtype)} on {device}")
-    return trainer, loaders, prep_s, replay
+    return trainer, loaders, prep_s, replay, mfu
 
 
 def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, log, splits=None) -> dict:

@@ -21,7 +21,7 @@ from typing import Optional
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..engine.callbacks import Callback, MetricsLog
+from ..engine.callbacks import SCHEDULE, Callback
 from ..engine.plan import TrainPlan
 from ..errors import TuneforgeError
 from ..recipe import NAME_DOC, StrategyOptions
@@ -117,7 +117,10 @@ def _short(group: list[str]) -> str:
 
 class UnfreezeSchedule(Callback):
     """Applies the stage of the current step: at fit start (a resumed run restores its stage)
-    and after every optimizer step; logs each unfreeze and records it in metrics.jsonl."""
+    and after every optimizer step; logs each unfreeze and records it (``trainer.record``:
+    an ``unfreeze`` line in metrics.jsonl)."""
+
+    order = SCHEDULE  # an unfreeze happens before the step's checkpoint records the state
 
     def __init__(self, strategy: GradualUnfreeze, length: int, total_steps: int, log):
         self.strategy, self.length, self.total_steps, self.log = strategy, length, total_steps, log
@@ -147,7 +150,5 @@ class UnfreezeSchedule(Callback):
         st.set_train_mode(trainer.model)  # newly unfrozen groups leave eval mode
         self.log(f"gradual-unfreeze: step {s.step} (epoch {s.epoch_float:.2f}): stage {stage}, unfreezing "
                  + ", ".join(_short(g) for g in new))
-        for cb in trainer.callbacks:
-            if isinstance(cb, MetricsLog):
-                cb.write({"event": "unfreeze", "step": s.step, "epoch": round(s.epoch_float, 4), "stage": stage,
-                          "groups": [[n.removeprefix("backbone.") for n in g] for g in new]})
+        trainer.record({"event": "unfreeze", "step": s.step, "epoch": round(s.epoch_float, 4), "stage": stage,
+                        "groups": [[n.removeprefix("backbone.") for n in g] for g in new]})

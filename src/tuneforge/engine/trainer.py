@@ -4,7 +4,7 @@ It owns only the loop: micro-batches and token-weighted accumulation, mixed prec
 clipping, the optimizer and schedule step, the running training loss, evaluation, and the
 events that callbacks hook into (callbacks.py, which also says in what order they run).
 Everything else (what the model is, which parameters train, what the loss is, logging,
-checkpoints, early stopping, MFU) comes in from outside.
+checkpoints, early stopping, MFU, denormal flushing) comes in from outside.
 
 The task's side of the contract (tasks/base.py): ``task.forward(model, batch)`` returns
 ``{"loss_sum": (), "count": () or int, "logits": ...}``, the loss summed over what it is
@@ -181,17 +181,7 @@ class Trainer:
                 "lr": self.current_lrs(), "speed": speed(**interval), "interval": interval, "time": now}
 
     # -- the loop --------------------------------------------------------------------------
-    def flush_denormals(self):
-        """Subnormal floats flushed to zero on CPU while training and evaluating (train.flush_denormal)."""
-        from .denormals import flush_denormals
-
-        return flush_denormals(self.device, getattr(self.cfg, "flush_denormal", True))
-
     def fit(self) -> TrainState:
-        with self.flush_denormals():
-            return self._fit()
-
-    def _fit(self) -> TrainState:
         s, cfg, plan = self.state, self.cfg, self.plan
         eval_at_epoch_end = cfg.eval_every is None
         self.fire("on_fit_start")
@@ -282,9 +272,8 @@ class Trainer:
         return metrics
 
     def evaluate(self, loader, description: str = "eval") -> dict:
-        with self.flush_denormals():
-            return evaluate_loader(self.model, self.task, loader, self.metrics_factory(), self.device, self.autocast,
-                                   lambda it: self.track(it, len(loader), description))
+        return evaluate_loader(self.model, self.task, loader, self.metrics_factory(), self.device, self.autocast,
+                               lambda it: self.track(it, len(loader), description))
 
 
 @torch.inference_mode()

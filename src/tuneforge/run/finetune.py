@@ -234,8 +234,10 @@ def _finetune(recipe: Recipe, origin: str | None, device, console, log, *, argv,
 
             trainer.restore(load_resumable(checkpoint, model, trainer.optimizer, trainer.scheduler, trainer.scaler))
             restore_rng(checkpoint)  # last: nothing may consume randomness between here and the loop
+        from ..engine.denormals import flush_denormals
+
         t0 = time.perf_counter()
-        with _stop_on_signals(trainer.state, log):
+        with _stop_on_signals(trainer.state, log), flush_denormals(device, cfg.flush_denormal):
             state = trainer.fit()
         train_s = time.perf_counter() - t0
         if state.interrupted:
@@ -480,13 +482,15 @@ def _build_trainer(recipe, task, splits, labels, model, loaded, strategy, run, d
 def _finish(recipe, task, loaded, labels, model, strategy, trainer, loaders, run, log, splits=None) -> dict:
     """Best weights -> final evaluation -> saved model."""
     from ..engine.checkpoint import load_checkpoint_weights
+    from ..engine.denormals import flush_denormals
     from .artifact import save_model
 
     best = load_checkpoint_weights(run.checkpoints / "best", model)
-    final = {"best_step": best["step"], "metric_for_best": recipe.train.metric_for_best,
-             "validation": trainer.evaluate(loaders["validation"], "validation")}
-    if "test" in loaders:
-        final["test"] = trainer.evaluate(loaders["test"], "test")
+    with flush_denormals(trainer.device, recipe.train.flush_denormal):  # as while training (train.flush_denormal)
+        final = {"best_step": best["step"], "metric_for_best": recipe.train.metric_for_best,
+                 "validation": trainer.evaluate(loaders["validation"], "validation")}
+        if "test" in loaders:
+            final["test"] = trainer.evaluate(loaders["test"], "test")
     final["labels"] = labels.names
     if hasattr(task, "after_training") and splits:  # causal-lm: generation on held-out prompts
         generation = task.after_training(model, splits, run, trainer.device, trainer.autocast, log)

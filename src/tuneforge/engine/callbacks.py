@@ -12,6 +12,12 @@ strategy's unfreeze), and ``on_checkpoint_request`` when the run asks for a resu
 checkpoint now (an interrupt between checkpoints). ``track(iterable, total, description)``
 may wrap an evaluation's batches (a progress bar); the default hands them back.
 
+``logs`` (Trainer.log_figures): ``step``, ``epoch`` (fractional), ``loss`` (the token-weighted
+mean training loss since the last log, None if nothing trained), ``lr`` (per parameter
+group), ``speed`` (samples_per_s; tokens_per_s and padding_fraction for text; mfu when
+measured), ``interval`` (the raw seconds, examples, tokens, positions behind ``speed``) and
+``time`` (perf_counter when measured).
+
 Order. Every event visits the callbacks in ascending ``order`` (fastai's ``Callback.order``;
 the Trainer sorts stably, so equal orders keep their list order). What a callback relies on
 is declared by its order, never by where it sits in a list:

@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     def step(i: int) -> None:
         batch = batches[i % len(batches)]
         with torch.autocast("cpu", dtype=amp) if amp else torch.autocast("cpu", enabled=False):
-            loss = task.forward(model, batch)["loss"]
+            out = task.forward(model, batch)
+            loss = out["loss_sum"] / out["count"]  # the mean, as a one-micro-batch training step
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

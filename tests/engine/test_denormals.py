@@ -67,21 +67,47 @@ def test_a_setting_already_on_is_left_on():
 
 
 @pytest.mark.parametrize("flush", [True, False])
-def test_training_flushes_as_configured_and_restores_the_setting(flush, tiny_bert_dir, tmp_path, monkeypatch, capsys):
-    seen = []
-    fire = Trainer.fire
+def test_the_run_flushes_training_and_the_final_evaluation_and_restores(flush, tiny_bert_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    """The run enters the setting (run/finetune.py), around Trainer.fit and the final evaluation."""
+    from tuneforge.engine import trainer as trainer_module
+
+    seen, evaluations = [], []
+    fire, evaluate = Trainer.fire, trainer_module.evaluate_loader
 
     def recording_fire(self, event, *args):
         if event in ("on_step_end", "on_eval_end"):
             seen.append((flushed(), flushed_share()))
         return fire(self, event, *args)
 
+    def recording_evaluate(*args, **kwargs):
+        evaluations.append((flushed(), flushed_share()))
+        return evaluate(*args, **kwargs)
+
     monkeypatch.setattr(Trainer, "fire", recording_fire)
+    monkeypatch.setattr(trainer_module, "evaluate_loader", recording_evaluate)
     train = write_text_csv(tmp_path / "train.csv", n=16)
     assert subnormal_survives()  # off before the run
-    finetune(text_recipe(tiny_bert_dir, train, tmp_path / "run", train={"epochs": 1, "flush_denormal": flush}))
-    assert seen
+    run = finetune(text_recipe(tiny_bert_dir, train, tmp_path / "run", train={"epochs": 1, "flush_denormal": flush}))
+    assert seen and len(evaluations) == len(run.history) + 1  # the evaluations in training, then the final one
     on = flush and SUPPORTED
-    assert all(s == (on, float(on)) for s in seen), seen  # every step and evaluation
-    assert subnormal_survives() and flushed_share() == 0.0  # restored after fit
+    assert all(s == (on, float(on)) for s in seen + evaluations), (seen, evaluations)
+    assert subnormal_survives() and flushed_share() == 0.0  # restored after the run
     assert ("denormals: flushed to zero" in capsys.readouterr().err) == flush
+
+
+@needs_support
+def test_the_trainer_itself_leaves_the_setting_alone():
+    """Flushing is the run's to enter: a Trainer used on its own trains as the caller set things."""
+    from synth import synth_trainer
+
+    from tuneforge.engine.callbacks import Callback
+
+    seen = []
+
+    class Look(Callback):
+        def on_step_end(self, trainer):
+            seen.append(flushed())
+
+    synth_trainer(callbacks=[Look()]).fit()
+    assert seen == [False] * len(seen) and seen

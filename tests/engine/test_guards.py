@@ -21,7 +21,7 @@ def poisoned(monkeypatch):
     def forward(self, model, batch):
         out = real(self, model, batch)
         if model.training and (batch["index"] == 0).any():
-            out["loss"] = out["loss"] * torch.tensor(float("nan"))
+            out["loss_sum"] = out["loss_sum"] * torch.tensor(float("nan"))
         return out
 
     monkeypatch.setattr(ClassificationTask, "forward", forward)

@@ -14,6 +14,7 @@ from helpers import text_recipe, write_text_csv
 from tuneforge import finetune
 from tuneforge.engine.checkpoint import newest_valid
 from tuneforge.engine.optim import build_optimizer
+from tuneforge.engine.plan import TrainPlan
 from tuneforge.errors import TuneforgeError
 from tuneforge.models import load_model
 from tuneforge.models.info import group_param_names
@@ -143,10 +144,8 @@ def test_gradual_unfreeze_stage_modes_and_rewarmup(tiny_bert_dir):
     assert all(p.requires_grad for p in model.backbone.encoder.layer[1].parameters())
     assert not any(p.requires_grad for p in model.backbone.encoder.layer[0].parameters())
 
-    class T:  # what wrap_schedule reads from the trainer
-        steps_per_epoch = 5
-
-    fn = s.wrap_schedule(lambda step: 1.0, T())  # stages of 5 steps (epochs_per_stage defaults to 1)
+    plan = TrainPlan(micro_per_epoch=5, steps_per_epoch=5, total_steps=15)
+    fn = s.wrap_schedule(lambda step: 1.0, plan)  # stages of 5 steps (epochs_per_stage defaults to 1)
     assert [fn(i) for i in range(12)] == [1, 1, 1, 1, 1, 0.5, 1, 1, 1, 1, 0.5, 1]
 
 

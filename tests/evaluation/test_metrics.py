@@ -16,7 +16,7 @@ from tuneforge.recipe import recipe_from_dict
 
 def _stream(m, logits, labels, batch, loss=None):
     for i in range(0, len(labels), batch):
-        m.update(logits[i:i + batch], labels[i:i + batch], loss, index=torch.arange(i, min(i + batch, len(labels))))
+        m.update(logits[i:i + batch], labels[i:i + batch], loss_sum=loss, index=torch.arange(i, min(i + batch, len(labels))))
     return m.compute()
 
 
@@ -82,8 +82,8 @@ def test_roc_auc_is_none_when_a_class_is_missing():
 
 def test_loss_is_example_weighted():
     m = ClassificationMetrics(2)
-    m.update(torch.zeros(3, 2), torch.tensor([0, 1, 0]), torch.tensor(1.0))
-    m.update(torch.zeros(1, 2), torch.tensor([1]), torch.tensor(5.0))
+    m.update(torch.zeros(3, 2), torch.tensor([0, 1, 0]), loss_sum=torch.tensor(3.0), count=3)  # mean 1.0
+    m.update(torch.zeros(1, 2), torch.tensor([1]), loss_sum=torch.tensor(5.0), count=1)
     assert m.compute()["loss"] == pytest.approx((3 * 1.0 + 5.0) / 4)
 
 

@@ -2,8 +2,43 @@
 
 Each method is a no-op by default. A callback stops training by setting
 ``trainer.state.should_stop = True`` (with ``trainer.state.stop_reason``).
-A callback with state that a resumed run needs defines ``state_dict()`` and
-``load_state_dict()``; the trainer stores them in every resumable checkpoint.
+
+Events, in the order the loop fires them: ``on_fit_start``; per epoch ``on_epoch_start``;
+per optimizer step ``on_log(logs)`` (every ``train.log_every`` steps and at the last one,
+before the step's other events, so a checkpoint taken at this step holds its line), then
+``on_step_end``, then ``on_eval_end(metrics)`` when an evaluation is due; ``on_epoch_end``;
+``on_fit_end``. Besides: ``on_record(event)`` when something calls ``trainer.record`` (a
+strategy's unfreeze), and ``on_checkpoint_request`` when the run asks for a resumable
+checkpoint now (an interrupt between checkpoints). ``track(iterable, total, description)``
+may wrap an evaluation's batches (a progress bar); the default hands them back.
+
+``logs`` (Trainer.log_figures): ``step``, ``epoch`` (fractional), ``loss`` (the token-weighted
+mean training loss since the last log, None if nothing trained), ``lr`` (per parameter
+group), ``speed`` (samples_per_s; tokens_per_s and padding_fraction for text; mfu when
+measured), ``interval`` (the raw seconds, examples, tokens, positions behind ``speed``) and
+``time`` (perf_counter when measured).
+
+Order. Every event visits the callbacks in ascending ``order`` (fastai's ``Callback.order``;
+the Trainer sorts stably, so equal orders keep their list order). What a callback relies on
+is declared by its order, never by where it sits in a list:
+
+    MEASURE    -10  MFU: measures the machine before anything else starts; adds ``mfu`` to logs
+    METRICS      0  RetainMonitor: adds retain_* / forgetting to an evaluation's metrics
+    SCHEDULE    10  strategy callbacks: an unfreeze happens before the step's checkpoint
+    LOG         20  MetricsLog: writes logs, records and evaluations to metrics.jsonl
+    BEST        30  BestCheckpoint: writes ``state.best_step`` / ``best_metric`` (its declared
+                    output; ``state.improved()`` reads it) for everything after it
+    OBSERVE     40  the default: TensorBoard, MLflow, a user's callback
+    STOP        50  EarlyStopping: reads BEST's output
+    CHECKPOINT  80  ResumeCheckpoint: records the state all the others leave
+    DISPLAY     90  progress bars
+
+A dict handed to an event (``logs``, ``metrics``) may be added to by a callback: the ones
+after it see the addition, which is what MEASURE and METRICS are for.
+
+State. A callback that a resumed run needs to restore returns a dict from ``state_dict()``
+(default None: nothing to keep) and takes it back in ``load_state_dict()``; the trainer
+stores them in every resumable checkpoint, keyed by class name.
 """
 
 from __future__ import annotations
@@ -17,14 +52,29 @@ from ..errors import TuneforgeError
 from .checkpoint import save_checkpoint
 from .throughput import peak_memory
 
+MEASURE, METRICS, SCHEDULE, LOG, BEST, OBSERVE, STOP, CHECKPOINT, DISPLAY = -10, 0, 10, 20, 30, 40, 50, 80, 90
+
 
 class Callback:
+    order: int = OBSERVE
+
     def on_fit_start(self, trainer) -> None: ...
     def on_epoch_start(self, trainer) -> None: ...
+    def on_log(self, trainer, logs: dict) -> None: ...
     def on_step_end(self, trainer) -> None: ...
     def on_eval_end(self, trainer, metrics: dict) -> None: ...
     def on_epoch_end(self, trainer) -> None: ...
     def on_fit_end(self, trainer) -> None: ...
+    def on_record(self, trainer, event: dict) -> None: ...
+    def on_checkpoint_request(self, trainer) -> None: ...
+
+    def track(self, iterable, total: int, description: str):
+        return iterable
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None: ...
 
     def summary(self, best_step: int | None) -> dict | None:
         """A section for the run's final metrics (eval.json), or None (RetainMonitor: "forgetting")."""
@@ -32,18 +82,17 @@ class Callback:
 
 
 class MetricsLog(Callback):
-    """Appends one JSON line per log/eval event to ``metrics.jsonl``."""
+    """Appends one JSON line per log, record and evaluation to ``metrics.jsonl``."""
 
-    def __init__(self, path: Path, log_every: int):
-        self.path, self.log_every = Path(path), log_every
-        self.t0 = self.last_t = time.perf_counter()
-        self.last = (0, 0, 0)  # examples, tokens, positions at the previous log line
+    order = LOG
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.t0 = time.perf_counter()
         self.lines = 0
 
     def on_fit_start(self, trainer) -> None:
-        s = trainer.state
-        self.t0 = self.last_t = time.perf_counter()
-        self.last = (s.examples, s.tokens, s.positions)  # a resumed run measures from where it resumed
+        self.t0 = time.perf_counter()
 
     def write(self, event: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -60,19 +109,13 @@ class MetricsLog(Callback):
             kept = self.path.read_text(encoding="utf-8").splitlines(keepends=True)[: self.lines]
             self.path.write_text("".join(kept), encoding="utf-8")
 
-    def on_step_end(self, trainer) -> None:
-        s = trainer.state
-        if s.step % self.log_every and s.step != trainer.total_steps:
-            return
-        now = time.perf_counter()
-        last = self.last
-        speed = trainer.speed(now - self.last_t, s.examples - last[0], s.tokens - last[1], s.positions - last[2])
-        self.last_t, self.last = now, (s.examples, s.tokens, s.positions)
-        loss = trainer.pop_train_loss()  # the host sync for the loss, every log_every steps
-        s.last_train_loss, s.last_speed = loss, speed
-        self.write({"event": "train", "step": s.step, "epoch": round(s.epoch_float, 4), "loss": loss,
-                    "lr": trainer.current_lrs(), **speed, **peak_memory(trainer.device),
-                    "elapsed_s": round(now - self.t0, 2)})
+    def on_log(self, trainer, logs: dict) -> None:
+        self.write({"event": "train", "step": logs["step"], "epoch": round(logs["epoch"], 4), "loss": logs["loss"],
+                    "lr": logs["lr"], **logs["speed"], **peak_memory(trainer.device),
+                    "elapsed_s": round(logs["time"] - self.t0, 2)})
+
+    def on_record(self, trainer, event: dict) -> None:
+        self.write(event)
 
     def on_eval_end(self, trainer, metrics: dict) -> None:
         s = trainer.state
@@ -81,7 +124,13 @@ class MetricsLog(Callback):
 
 
 class BestCheckpoint(Callback):
-    """Keeps the best weights by ``metric_for_best`` on disk (``checkpoints/best``)."""
+    """Keeps the best weights by ``metric_for_best`` on disk (``checkpoints/best``).
+
+    Declared output, for the callbacks ordered after it: ``trainer.state.best_metric`` and
+    ``trainer.state.best_step`` (the step of the best evaluation so far), written in
+    ``on_eval_end``; ``trainer.state.improved()`` says whether this step's evaluation is it."""
+
+    order = BEST
 
     def __init__(self, directory: Path, metric: str, minimize: bool, min_delta: float = 0.0):
         self.dir, self.metric, self.minimize, self.min_delta = Path(directory), metric, minimize, min_delta
@@ -112,7 +161,6 @@ class BestCheckpoint(Callback):
         else:
             better = not self.best_eligible and (self.best_forgetting is None
                                                  or metrics["forgetting"] < self.best_forgetting)
-        trainer.state.last_improved = better
         if better:
             self.best, self.best_step = value, trainer.state.step
             self.best_eligible, self.best_forgetting = eligible, metrics.get("forgetting")
@@ -133,8 +181,11 @@ class BestCheckpoint(Callback):
 
 class ResumeCheckpoint(Callback):
     """Resumable checkpoints (weights, optimizer, scheduler, scaler, RNG, data position,
-    callback state) after every evaluation and every ``save_every`` steps; keeps the
-    newest ``keep``. Must run after the callbacks whose state it records."""
+    callback state) after every evaluation, every ``save_every`` steps and when the run
+    asks for one; keeps the newest ``keep``. Ordered after every callback with state
+    (CHECKPOINT): it records the state the others leave."""
+
+    order = CHECKPOINT
 
     def __init__(self, directory: Path, save_every: int | None = None, keep: int = 2):
         self.dir, self.save_every, self.keep = Path(directory), save_every, keep
@@ -159,15 +210,21 @@ class ResumeCheckpoint(Callback):
     def on_eval_end(self, trainer, metrics: dict) -> None:
         self.save(trainer)
 
+    def on_checkpoint_request(self, trainer) -> None:
+        self.save(trainer)
+
 
 class EarlyStopping(Callback):
-    """Stops after ``patience`` evaluations without improvement of the best metric."""
+    """Stops after ``patience`` evaluations without improvement of the best metric, as
+    BestCheckpoint declares it (``state.improved()``; STOP is ordered after BEST)."""
+
+    order = STOP
 
     def __init__(self, patience: int):
         self.patience, self.bad = patience, 0
 
     def on_eval_end(self, trainer, metrics: dict) -> None:
-        self.bad = 0 if trainer.state.last_improved else self.bad + 1
+        self.bad = 0 if trainer.state.improved() else self.bad + 1
         if self.bad >= self.patience:
             trainer.state.should_stop = True
             trainer.state.stop_reason = f"early stopping: no improvement in {self.patience} evaluations"

@@ -72,8 +72,9 @@ def flush_denormals(device: torch.device, on: bool = True):
     """Flush subnormals to zero inside the block on CPU, then put the setting back.
 
     Yields whether flushing is on inside the block. A setting that is on already (the
-    caller's own, or an outer block's: evaluation inside ``Trainer.fit``) is left as it is;
-    one this block turned on is turned off again."""
+    caller's own, or an outer block's) is left as it is; one this block turned on is turned
+    off again. The run enters it (run/finetune.py) around training and the final
+    evaluation; the Trainer itself leaves the setting alone."""
     if not on or device.type != "cpu":
         yield False
         return

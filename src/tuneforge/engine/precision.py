@@ -24,6 +24,14 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise TuneforgeError(f"train.device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
+def channels_last_images(batch: dict) -> dict:
+    """A Trainer ``prepare_batch``: images in channels-last (NHWC) memory layout, to meet weights
+    converted with ``model.to(memory_format=torch.channels_last)`` (train.channels_last)."""
+    if "pixel_values" in batch:
+        batch = {**batch, "pixel_values": batch["pixel_values"].contiguous(memory_format=torch.channels_last)}
+    return batch
+
+
 def cpu_has_native_bf16() -> bool:
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

@@ -27,6 +27,16 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
+def speed(seconds: float, examples: int, tokens: int, positions: int) -> dict:
+    """Throughput over an interval (or the whole run); token figures for text only. MFU is
+    added by the ``MFU`` callback (engine/mfu.py), which measured its two halves."""
+    out = {"samples_per_s": round(examples / max(seconds, 1e-9), 2)}
+    if positions:
+        out["tokens_per_s"] = round(tokens / max(seconds, 1e-9), 1)
+        out["padding_fraction"] = round(1 - tokens / positions, 4)
+    return out
+
+
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a large square matmul, best of ``repeats``: the yardstick for MFU.
 
@@ -81,7 +91,7 @@ def count_train_flops(model, task, batch: dict, autocast) -> float:
         with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             with autocast():
                 out = task.forward(model, batch)
-            out["loss"].backward()
+            out["loss_sum"].backward()  # a sum or a mean: the same matmuls
         return float(counter.get_total_flops())
     finally:
         torch.set_rng_state(rng)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TuneforgeError
-from ..engine.callbacks import Callback
+from ..engine.callbacks import METRICS, Callback
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -58,9 +58,9 @@ def read_retain(task, recipe) -> tuple[list, list | None]:
 
 
 class RetainMonitor(Callback):
-    """Adds ``retain_*`` figures to every evaluation's metrics (it must run first)."""
+    """Adds ``retain_*`` figures to every evaluation's metrics, before anything reads them."""
 
-    order = -10  # adds retain_* figures to the metrics: before any callback that reads them
+    order = METRICS
 
     def __init__(self, task, recipe, reference_path: Path, head=None):
         """``head``: ``(module, LabelMap)`` of an earlier run (retain.head_from), loaded by the run."""
@@ -101,7 +101,8 @@ class RetainMonitor(Callback):
 
         m = ClassificationMetrics(len(self.head_labels), names=self.head_labels.names)
         logits = self.head(feats)  # (N, C_A)
-        m.update(logits, self.targets, torch.nn.functional.cross_entropy(logits, self.targets))
+        m.update(logits, self.targets, loss_sum=torch.nn.functional.cross_entropy(logits, self.targets, reduction="sum"),
+                 count=len(self.targets))
         out = m.compute()
         return {k: out[k] for k in ("accuracy", "f1_macro", "loss")}
 

@@ -13,26 +13,22 @@ class TensorBoardLog(Callback):
     """Training loss, learning rate per parameter group, throughput and every scalar validation
     metric, as TensorBoard scalars in ``<run>/tensorboard``."""
 
-    def __init__(self, directory: Path, log_every: int):
+    def __init__(self, directory: Path):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise TuneforgeError("output.loggers includes tensorboard but the tensorboard package is not installed: "
                                  "pip install 'tuneforge[tensorboard]' (or remove it from output.loggers)") from None
         self.writer = SummaryWriter(log_dir=str(directory))
-        self.log_every = log_every
 
-    def on_step_end(self, trainer) -> None:
-        s = trainer.state
-        if s.step % self.log_every and s.step != trainer.total_steps:
-            return
-        for group, lr in trainer.current_lrs().items():
-            self.writer.add_scalar(f"lr/{group}", lr, s.step)
-        # MetricsLog (earlier in the list) has just taken the loss and the speed of this interval
-        if s.last_train_loss is not None:
-            self.writer.add_scalar("train/loss", s.last_train_loss, s.step)
-        for key, value in (s.last_speed or {}).items():
-            self.writer.add_scalar(f"speed/{key}", value, s.step)
+    def on_log(self, trainer, logs: dict) -> None:
+        step = logs["step"]
+        for group, lr in logs["lr"].items():
+            self.writer.add_scalar(f"lr/{group}", lr, step)
+        if logs["loss"] is not None:
+            self.writer.add_scalar("train/loss", logs["loss"], step)
+        for key, value in logs["speed"].items():
+            self.writer.add_scalar(f"speed/{key}", value, step)
 
     def on_eval_end(self, trainer, metrics: dict) -> None:
         for key, value in metrics.items():
@@ -50,7 +46,7 @@ class MLflowLog(Callback):
     <run>/mlruns``). A private client: no global MLflow state is touched, nothing leaves
     the machine."""
 
-    def __init__(self, directory: Path, log_every: int, run_name: str, params: dict):
+    def __init__(self, directory: Path, run_name: str, params: dict):
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
@@ -67,21 +63,18 @@ class MLflowLog(Callback):
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
         for key, value in sorted(params.items())[:500]:  # MLflow caps a run's parameters
             self.client.log_param(self.run_id, key[:250], str(value)[:500])
-        self.log_every = log_every
 
     def _metric(self, key: str, value: float, step: int) -> None:
         self.client.log_metric(self.run_id, key, float(value), step=step)
 
-    def on_step_end(self, trainer) -> None:
-        s = trainer.state
-        if s.step % self.log_every and s.step != trainer.total_steps:
-            return
-        for group, lr in trainer.current_lrs().items():
-            self._metric(f"lr/{group}", lr, s.step)
-        if s.last_train_loss is not None:
-            self._metric("train/loss", s.last_train_loss, s.step)
-        for key, value in (s.last_speed or {}).items():
-            self._metric(f"speed/{key}", value, s.step)
+    def on_log(self, trainer, logs: dict) -> None:
+        step = logs["step"]
+        for group, lr in logs["lr"].items():
+            self._metric(f"lr/{group}", lr, step)
+        if logs["loss"] is not None:
+            self._metric("train/loss", logs["loss"], step)
+        for key, value in logs["speed"].items():
+            self._metric(f"speed/{key}", value, step)
 
     def on_eval_end(self, trainer, metrics: dict) -> None:
         for key, value in metrics.items():
@@ -102,12 +95,14 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def build_loggers(names: list[str], run_path: Path, log_every: int, recipe=None) -> list[Callback]:
+def build_loggers(names: list[str], run_path: Path, recipe=None) -> list[Callback]:
+    """The loggers named in ``output.loggers``; each logs what the loop's ``on_log`` hands it,
+    every ``train.log_every`` steps."""
     out = []
     for name in names:
         if name == "tensorboard":
-            out.append(TensorBoardLog(run_path / "tensorboard", log_every))
+            out.append(TensorBoardLog(run_path / "tensorboard"))
         elif name == "mlflow":
             params = _flatten(recipe.model_dump(mode="json")) if recipe is not None else {}
-            out.append(MLflowLog(run_path / "mlruns", log_every, run_path.name, params))
+            out.append(MLflowLog(run_path / "mlruns", run_path.name, params))
     return out

@@ -27,7 +27,8 @@ from .names import AVERAGES as _AVERAGES
 from .names import check_metric_name, lower_is_better, metric_names  # noqa: F401 (re-exported)
 
 class ClassificationMetrics:
-    """``update(logits, labels, loss, index)`` per batch; ``compute()`` -> one JSON-ready dict.
+    """``update(logits, labels, loss_sum=, count=, index=)`` per batch; ``compute()`` -> one
+    JSON-ready dict. The loss is the split's total loss sum over its total count (examples).
 
     ``names``: label names for the per-class table. ``top_wrong``: keep the indices of
     the most confidently wrong examples (a bounded heap, streaming too).
@@ -62,11 +63,13 @@ class ClassificationMetrics:
         self.bins = torch.zeros(3, n_bins, dtype=torch.float64)  # count, sum confidence, sum correct
         self.wrong: list[tuple[float, int, int, int]] = []  # heap of (confidence, index, label, predicted)
         self.loss_sum = 0.0
+        self.loss_count = 0  # examples whose loss was given
         self.count = 0
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor | None = None,
-               index: torch.Tensor | None = None) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, *, loss_sum: torch.Tensor | None = None,
+               count: torch.Tensor | int | None = None, index: torch.Tensor | None = None) -> None:
+        """``loss_sum``: the batch's loss summed over its ``count`` examples (default: all of them)."""
         logits, labels = logits.detach().float().cpu(), labels.detach().cpu()  # (B, C), (B,) or (B, C)
         if self.multi_label:
             labels = labels.long()
@@ -89,8 +92,9 @@ class ClassificationMetrics:
             self.bins[row].index_add_(0, bin_of, values.double())
         if self.top_wrong and index is not None:
             self._track_wrong(probs, predicted, labels, index.cpu())
-        if loss is not None:
-            self.loss_sum += float(loss) * len(labels)
+        if loss_sum is not None:
+            self.loss_sum += float(loss_sum)
+            self.loss_count += len(labels) if count is None else int(count)
         self.count += len(labels)
 
     def _track_wrong(self, probs, predicted, labels, index) -> None:
@@ -112,7 +116,7 @@ class ClassificationMetrics:
                 heapq.heappushpop(self.wrong, item)
 
     def compute(self) -> dict:
-        out: dict = {"loss": self.loss_sum / max(self.count, 1), "examples": self.count}
+        out: dict = {"loss": self.loss_sum / max(self.loss_count, 1), "examples": self.count}
         per = {}
         for name, value in self.collection.compute().items():
             if name.endswith("_none"):

@@ -218,9 +218,11 @@ def prepare_task(job) -> None:
 # --------------------------------------------------------------------------- the trainer
 
 def build_trainer(job) -> None:
-    """Optimizer (parameter groups by layer group), schedule, callbacks, the Trainer."""
+    """Optimizer (parameter groups by layer group), schedule, callbacks -> the Trainer, complete."""
     from ..engine.callbacks import BestCheckpoint, EarlyStopping, MetricsLog, ResumeCheckpoint
+    from ..engine.mfu import MFU
     from ..engine.optim import build_optimizer, build_scheduler
+    from ..engine.plan import TrainPlan
     from ..engine.precision import precision_name
     from ..engine.progress import RichProgress
     from ..engine.trainer import Trainer
@@ -234,32 +236,33 @@ def build_trainer(job) -> None:
                                     "total": sum(p.numel() for p in job.model.parameters())},
                         param_groups=[{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                                        "parameters": sum(p.numel() for p in g["params"])} for g in groups])
-    # Order matters: the strategy's events first (an unfreeze happens before the step's
-    # checkpoint), and the resumable checkpoint records the state the others leave.
-    callbacks = [MetricsLog(run.metrics_path, cfg.log_every),
-                 BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.early_stopping.min_delta)]
+    # The step counts first: the schedule and the strategy's callbacks are built from them.
+    # Callbacks declare their order (engine/callbacks.py), so the list order here is free.
+    plan = TrainPlan.of(job.loaders["train"], cfg)
+    job.mfu = MFU(job.device, job.amp_dtype or torch.float32)
+    callbacks = [job.mfu, MetricsLog(run.metrics_path),
+                 BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.early_stopping.min_delta),
+                 ResumeCheckpoint(run.checkpoints, cfg.save_every, cfg.keep_checkpoints),
+                 *strategy.callbacks(plan, log)]
     if recipe.output.loggers:
         from ..evaluation.loggers import build_loggers
 
-        callbacks += build_loggers(recipe.output.loggers, run.path, cfg.log_every, recipe)  # after MetricsLog: reuse its loss
+        callbacks += build_loggers(recipe.output.loggers, run.path, recipe)
     if cfg.early_stopping.patience:
         callbacks.append(EarlyStopping(cfg.early_stopping.patience))
-    callbacks.append(ResumeCheckpoint(run.checkpoints, cfg.save_every, cfg.keep_checkpoints))
     if cfg.progress:
         callbacks.append(RichProgress(job.console))
     if recipe.retain.data:
-        callbacks.insert(0, _retain_monitor(job))  # first: adds metrics
+        callbacks.append(_retain_monitor(job))
+    scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, cfg.warmup,
+                                wrap=lambda fn: strategy.wrap_schedule(fn, plan))
     labels, task = job.labels, job.task
-    trainer = Trainer(model=job.model, task=task, strategy=strategy, optimizer=optimizer, scheduler=None,
-                      train_loader=job.loaders["train"], val_loader=job.loaders["validation"], cfg=cfg,
-                      device=job.device, amp_dtype=job.amp_dtype, metrics_factory=lambda: task.metrics(labels),
-                      callbacks=callbacks)
-    trainer.channels_last = job.batch_layout is not None
-    trainer.callbacks[:0] = strategy.callbacks(trainer, log)
-    trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps, cfg.warmup,
-                                        wrap=lambda fn: strategy.wrap_schedule(fn, trainer))
-    job.trainer = trainer
-    log(f"training: {trainer.total_steps} steps ({trainer.steps_per_epoch}/epoch), batch {cfg.batch_size}"
+    job.trainer = trainer = Trainer(
+        model=job.model, task=task, optimizer=optimizer, scheduler=scheduler, train_loader=job.loaders["train"],
+        val_loader=job.loaders["validation"], cfg=cfg, device=job.device, amp_dtype=job.amp_dtype,
+        metrics_factory=lambda: task.metrics(labels), callbacks=callbacks, plan=plan,
+        train_mode=strategy.set_train_mode, prepare_batch=job.batch_layout)
+    log(f"training: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), batch {cfg.batch_size}"
         f"x{cfg.grad_accum}, {precision_name(job.amp_dtype)} on {job.device}")
     if job.checkpoint is not None:
         from ..engine.checkpoint import load_resumable, restore_rng

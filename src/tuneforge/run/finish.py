@@ -68,18 +68,19 @@ def name_examples(wrong: list[dict], records: list) -> None:
 
 def record_completion(job, train_s: float) -> None:
     """Timings, throughput and what the run was, into the manifest: status completed."""
-    from ..engine.throughput import peak_memory
+    from ..engine.throughput import peak_memory, speed
     from ..evaluation.report import parameter_summary
 
-    trainer, state = job.trainer, job.state
-    trainer.remeasure_peak()  # outside the timed training
+    state, mfu = job.state, job.mfu
+    mfu.remeasure_peak()  # outside the timed training
     eval_s = sum(e.get("eval_seconds", 0.0) for e in state.evals)
+    # throughput over training time without the evaluations inside it
+    counts = (train_s - eval_s, state.examples, state.tokens, state.positions)
     timings = {"preprocess_s": round(job.timings.get("preprocess_s", 0.0), 2), "train_s": round(train_s, 2),
                "eval_in_train_s": round(eval_s, 2), "total_s": round(time.perf_counter() - job.started, 2),
-               # throughput over training time without the evaluations inside it
-               **trainer.speed(train_s - eval_s, state.examples, state.tokens, state.positions),
-               **peak_memory(job.device), "matmul_peak_flops": trainer.peak_flops,
-               "train_flops_per_" + ("token" if state.positions else "example"): trainer.flops_per_unit}
+               **speed(*counts), **mfu.figures(*counts), **peak_memory(job.device),
+               "matmul_peak_flops": mfu.peak_flops,
+               "train_flops_per_" + ("token" if state.positions else "example"): mfu.flops_per_unit}
     job.log("speed: " + ", ".join(f"{k} {v}" for k, v in timings.items() if k in (
         "samples_per_s", "tokens_per_s", "padding_fraction", "mfu", "peak_rss_mb")))
     job.run.update_manifest(status="completed", steps=state.step, best_step=job.final["best_step"], timings=timings,

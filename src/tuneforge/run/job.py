@@ -72,6 +72,7 @@ class Job:
     loaders: dict = field(default_factory=dict)   # split -> DataLoader (a cache may have replaced them)
     batch_layout: Callable | None = None          # device-side batch preparation (channels-last images)
     trainer: Any = None
+    mfu: Any = None                               # the MFU callback: its figures go into the manifest
     state: Any = None                             # TrainState after training
     final: dict = field(default_factory=dict)     # final metrics (eval.json)
     speedups: dict = field(default_factory=dict)  # name -> {"applied": bool, "why": str}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.precision import channels_last_images
 from ..errors import TuneforgeError
 from ..modalities import modality_of
 
@@ -60,17 +61,11 @@ class ChannelsLast:
 
     def apply(self, job) -> None:
         job.model.to(memory_format=torch.channels_last)  # 4-D weights only; the batches follow
-        job.batch_layout = to_channels_last
+        job.batch_layout = channels_last_images  # the Trainer's prepare_batch
         job.log("memory format: channels-last (train.channels_last)")
 
     def remove(self) -> None:
         pass  # the model is the run's own; nothing outside it changed
-
-
-def to_channels_last(batch: dict) -> dict:
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
-    return batch
 
 
 def _backbone(model):

@@ -21,7 +21,8 @@ from typing import Optional
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..engine.callbacks import Callback, MetricsLog
+from ..engine.callbacks import SCHEDULE, Callback
+from ..engine.plan import TrainPlan
 from ..errors import TuneforgeError
 from .options import NAME_DOC, StrategyOptions
 from .base import FreezingStrategy, backbone_groups, params_of, register
@@ -92,8 +93,8 @@ class GradualUnfreeze(FreezingStrategy):
         self.frozen = [n for g in self.groups for n in g if n not in thawed]
         return new
 
-    def wrap_schedule(self, fn, trainer):
-        length = self.stage_length(trainer.steps_per_epoch)
+    def wrap_schedule(self, fn, plan: TrainPlan):
+        length = self.stage_length(plan.steps_per_epoch)
         w = self.options.stage_warmup
         warm = int(round(w * length)) if w < 1 else int(w)
         if warm <= 0:
@@ -107,8 +108,8 @@ class GradualUnfreeze(FreezingStrategy):
 
         return rewarmed
 
-    def callbacks(self, trainer, log) -> list[Callback]:
-        return [UnfreezeSchedule(self, self.stage_length(trainer.steps_per_epoch), log)]
+    def callbacks(self, plan: TrainPlan, log) -> list[Callback]:
+        return [UnfreezeSchedule(self, self.stage_length(plan.steps_per_epoch), plan.total_steps, log)]
 
 
 def _short(group: list[str]) -> str:
@@ -118,10 +119,13 @@ def _short(group: list[str]) -> str:
 
 class UnfreezeSchedule(Callback):
     """Applies the stage of the current step: at fit start (a resumed run restores its stage)
-    and after every optimizer step; logs each unfreeze and records it in metrics.jsonl."""
+    and after every optimizer step; logs each unfreeze and records it (``trainer.record``:
+    an ``unfreeze`` line in metrics.jsonl)."""
 
-    def __init__(self, strategy: GradualUnfreeze, length: int, log):
-        self.strategy, self.length, self.log = strategy, length, log
+    order = SCHEDULE  # an unfreeze happens before the step's checkpoint records the state
+
+    def __init__(self, strategy: GradualUnfreeze, length: int, total_steps: int, log):
+        self.strategy, self.length, self.total_steps, self.log = strategy, length, total_steps, log
 
     def on_fit_start(self, trainer) -> None:
         st, step = self.strategy, trainer.state.step
@@ -129,9 +133,9 @@ class UnfreezeSchedule(Callback):
                          for k in range(1, st.n_stages + 1))
         self.log(f"gradual-unfreeze: head only for {self.length} steps, then {plan}")
         last = st.n_stages * self.length
-        if last >= trainer.total_steps:
-            left = sum(1 for k in range(1, st.n_stages + 1) if k * self.length >= trainer.total_steps)
-            self.log(f"[yellow]gradual-unfreeze: training ends at step {trainer.total_steps}, before the last {left} "
+        if last >= self.total_steps:
+            left = sum(1 for k in range(1, st.n_stages + 1) if k * self.length >= self.total_steps)
+            self.log(f"[yellow]gradual-unfreeze: training ends at step {self.total_steps}, before the last {left} "
                      f"stage(s) begin[/] (raise train.epochs or shorten strategy.epochs_per_stage/steps_per_stage)")
         stage = st.stage_at(step, self.length)
         if stage:
@@ -148,7 +152,5 @@ class UnfreezeSchedule(Callback):
         st.set_train_mode(trainer.model)  # newly unfrozen groups leave eval mode
         self.log(f"gradual-unfreeze: step {s.step} (epoch {s.epoch_float:.2f}): stage {stage}, unfreezing "
                  + ", ".join(_short(g) for g in new))
-        for cb in trainer.callbacks:
-            if isinstance(cb, MetricsLog):
-                cb.write({"event": "unfreeze", "step": s.step, "epoch": round(s.epoch_float, 4), "stage": stage,
-                          "groups": [[n.removeprefix("backbone.") for n in g] for g in new]})
+        trainer.record({"event": "unfreeze", "step": s.step, "epoch": round(s.epoch_float, 4), "stage": stage,
+                        "groups": [[n.removeprefix("backbone.") for n in g] for g in new]})

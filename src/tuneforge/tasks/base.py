@@ -71,8 +71,17 @@ class Task(Protocol):
     def loader(self, dataset, batch_size: int, *, train: bool, seed: int) -> torch.utils.data.DataLoader: ...
     def collate(self, items: list[dict]) -> dict: ...
     def before_training(self, model: nn.Module, datasets: dict, device, autocast, run_dir, log) -> None: ...
-    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]: ...
-    def metrics(self, labels: "LabelMap"): ...
+    def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """``{"loss_sum": (), "count": () or int, "logits": ..., ...}``: the loss summed over what
+        it is averaged over (examples for a classifier, target tokens for a causal LM, pairs for
+        preference) and how many of those the batch holds. The engine backpropagates sums and
+        divides by the total count of the step, so accumulated micro-batches weigh each target
+        once, however unevenly they are spread (engine/trainer.py)."""
+
+    def metrics(self, labels: "LabelMap"):
+        """``update(logits, labels, *, loss_sum, count, index)`` per batch; ``compute() -> dict``
+        with the split's loss as total sum / total count."""
+
     def after_training(self, model: nn.Module, splits: dict, run, device, autocast, log) -> dict: ...
     def settings(self) -> dict: ...
     def restore(self, settings: dict) -> None: ...
@@ -325,11 +334,12 @@ class ClassificationTask:
     def forward(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})  # (B, C)
         labels = batch["labels"]
-        if self.multi_label:
-            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        if self.multi_label:  # one example's loss is its mean over the labels
+            per_example = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(1)
+            loss_sum = per_example.sum()
         else:
-            loss = F.cross_entropy(logits.float(), labels)
-        return {"loss": loss, "logits": logits}
+            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+        return {"loss_sum": loss_sum, "count": len(labels), "logits": logits}
 
     def metrics(self, labels: LabelMap):
         from ..evaluation.metrics import ClassificationMetrics

@@ -87,10 +87,9 @@ class LMMetrics:
     def __init__(self):
         self.loss_sum, self.tokens = 0.0, 0
 
-    def update(self, logits, labels, loss, index=None) -> None:
-        n = int((labels[:, 1:] != IGNORE).sum())
-        self.loss_sum += float(loss) * n
-        self.tokens += n
+    def update(self, logits, labels, *, loss_sum, count, index=None) -> None:
+        self.loss_sum += float(loss_sum)  # summed over the batch's `count` target tokens
+        self.tokens += int(count)
 
     def compute(self) -> dict:
         loss = self.loss_sum / max(self.tokens, 1)
@@ -234,7 +233,7 @@ class CausalLMTask:
     def forward(self, model: nn.Module, batch: dict) -> dict:
         loss_sum, n = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             position_ids=batch.get("position_ids"), labels=batch["labels"])
-        return {"loss": loss_sum / n.clamp(min=1), "logits": None}
+        return {"loss_sum": loss_sum, "count": n, "logits": None}  # n: target tokens, a device scalar (no sync)
 
     def metrics(self, labels=None) -> LMMetrics:
         return LMMetrics()

@@ -144,11 +144,10 @@ class PreferenceMetrics:
         self.pairs, self.loss_sum, self.correct = 0, 0.0, 0
         self.chosen_sum = self.rejected_sum = 0.0
 
-    def update(self, logits, labels, loss, index=None) -> None:
+    def update(self, logits, labels, *, loss_sum, count, index=None) -> None:
         rewards = logits.float()  # (B, 2): the pairs' implicit rewards, chosen and rejected
-        n = len(rewards)
-        self.pairs += n
-        self.loss_sum += float(loss) * n
+        self.pairs += int(count)
+        self.loss_sum += float(loss_sum)  # summed over the batch's pairs
         self.correct += int((rewards[:, 0] > rewards[:, 1]).sum())
         self.chosen_sum += float(rewards[:, 0].sum())
         self.rejected_sum += float(rewards[:, 1].sum())
@@ -305,20 +304,22 @@ class PreferenceTask(CausalLMTask):
 
     # -- training --------------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: dict) -> dict:
-        """-> loss, and the pairs' implicit rewards (B, 2) as ``logits`` (what the metrics read)."""
+        """-> the loss summed over the B pairs, and the pairs' implicit rewards (B, 2) as ``logits``
+        (what the metrics read)."""
         logps, counts = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,)
         chosen, rejected = logps.view(2, -1)  # (B,), (B,)
         if self.loss == "simpo":
             n_chosen, n_rejected = counts.view(2, -1).clamp(min=1)
             rewards = self.beta * torch.stack([chosen / n_chosen, rejected / n_rejected], 1)  # (B, 2)
-            loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1] - self.beta * self.gamma).mean()
+            loss_sum = -F.logsigmoid(rewards[:, 0] - rewards[:, 1] - self.beta * self.gamma).sum()
         else:
             reference = batch.get("reference")
             if reference is None:
                 reference = self._inline_reference(model, batch)
             rewards = self.beta * (torch.stack([chosen, rejected], 1) - reference.to(chosen.dtype))  # (B, 2)
-            loss = -F.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
-        return {"loss": loss, "logits": rewards.detach(), "logps": torch.stack([chosen, rejected], 1).detach()}
+            loss_sum = -F.logsigmoid(rewards[:, 0] - rewards[:, 1]).sum()
+        return {"loss_sum": loss_sum, "count": len(chosen), "logits": rewards.detach(),
+                "logps": torch.stack([chosen, rejected], 1).detach()}
 
     def _inline_reference(self, model, batch) -> torch.Tensor:
         """Evaluating a saved run on new data (`tuneforge eval`): no cache exists for it."""

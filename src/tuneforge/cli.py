@@ -126,14 +126,14 @@ def cmd_predict(args) -> int:
     inputs = list(args.inputs or [])
     if not inputs:
         raise TuneforgeError("nothing to predict: give inputs as arguments or --file FILE")
+    from .deploy.predict import check_output, output_file
+
+    if args.out:
+        check_output(args.out, inputs)  # an input image is never replaced; checked before the model loads
     predictor = open_predictor(args.run_dir, batch_size=args.batch_size)
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    try:
+    with output_file(args.out, inputs) as out:
         for i, result in enumerate(predictor.predict(inputs)):
             out.write(json.dumps({"id": i, **result}) + "\n")
-    finally:
-        if args.out:
-            out.close()
     return 0
 
 
@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="*", help="texts or image paths")
     pr.add_argument("--file", help="CSV/TSV/JSONL/Parquet file (or an image folder) of inputs")
     pr.add_argument("--column", help="input column in --file (default text / image)")
-    pr.add_argument("--out", help="write JSON lines here instead of stdout")
+    pr.add_argument("--out", help="write JSON lines here instead of stdout (never an input file; written to a "
+                                   "temporary file renamed at the end)")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--id-column", help="column of --file whose value identifies each row in the output "
                                          "(default: file and line)")
@@ -356,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="(re)write a run's report.html, or compare several runs side by side")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    rep.add_argument("--out", default=None, help="comparison page to write (default comparison.html)")
+    rep.add_argument("--out", default=None, help="comparison page to write (default comparison.html): a new .html "
+                                                 "file or an earlier report, outside every run directory")
     rep.set_defaults(fn=cmd_report)
 
     rp = sub.add_parser("reproduce", help="run a finished run again from its record and compare the metrics")
@@ -370,10 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="onnx: a graph for onnxruntime (dynamic batch/sequence axes) + tokenizer/preprocessing; "
                          "safetensors: plain weights + config, loadable by tuneforge.load without the recipe; "
                          "hf: a Hugging Face encoder directory (LoRA/IA3 merged) + head + pooling, for plain transformers")
-    ex.add_argument("--out", required=True, help="directory to write (must be empty unless --overwrite)")
+    ex.add_argument("--out", required=True, help="directory to write: new, empty, or an earlier export with "
+                                                 "--overwrite (never a run directory or a folder inside one)")
     ex.add_argument("--quantize", choices=["int8"], default=None, help="onnx only: dynamic int8 weights (CPU)")
     ex.add_argument("--samples", type=int, default=16, help="rows of the run's data used for the parity check")
-    ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     ex.set_defaults(fn=cmd_export)
 
     sv = sub.add_parser("serve", help="serve a run's model over HTTP (micro-batched; needs the serve extra)")

@@ -25,6 +25,10 @@ import yaml
 from ..errors import TuneforgeError
 
 RUN_MARKER = "manifest.json"
+# What a run writes, so what --overwrite replaces; any other file in the directory is the user's and stays.
+RUN_FILES = ("config.yaml", RUN_MARKER, "metrics.jsonl", "eval.json", "report.html", "retain_reference.pt",
+             "reproduction.json")
+RUN_DIRS = ("checkpoints", "model", "report")
 _PACKAGES = ("tuneforge", "torch", "torchvision", "transformers", "peft", "timm", "safetensors",
              "pydantic", "scikit-learn", "torchmetrics", "numpy", "pandas", "pillow")
 
@@ -57,13 +61,38 @@ def prepare_run_dir(path: Path, overwrite: bool) -> Path:
         # checkpoint or model can be mistaken for this run's.
         import shutil
 
-        for name in ("config.yaml", RUN_MARKER, "metrics.jsonl", "eval.json", "report.html", "retain_reference.pt",
-                     "reproduction.json"):
+        for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "model", "report"):
+        for name in RUN_DIRS:
             shutil.rmtree(path / name, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def read_manifest(path) -> dict:
+    """``<run>/manifest.json``; a missing or damaged one is an error that says what to do."""
+    file = Path(path) / RUN_MARKER
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TuneforgeError(f"{path} is not a tuneforge run directory (no {RUN_MARKER}); pass the directory "
+                             "printed by `tuneforge train`") from None
+    except (OSError, ValueError) as err:
+        raise TuneforgeError(f"{file} is damaged ({type(err).__name__}: {str(err)[:120]}); restore it from a copy "
+                             f"of the run — or train again with --overwrite (its model, if saved, is in "
+                             f"{Path(path) / 'model'})") from None
+    if not isinstance(data, dict):
+        raise TuneforgeError(f"{file} is damaged (not a JSON object); restore it from a copy of the run")
+    return data
+
+
+def enclosing_run(path) -> Path | None:
+    """The run directory that is ``path`` or holds it (symlinks followed), if any."""
+    here = Path(os.path.realpath(path))
+    for directory in (here, *here.parents):
+        if (directory / RUN_MARKER).is_file():
+            return directory
+    return None
 
 
 def package_versions() -> dict:
@@ -132,7 +161,7 @@ class RunDir:
         self.write_json(RUN_MARKER, self.manifest)
 
     def load_manifest(self) -> dict:
-        self.manifest = json.loads((self.path / RUN_MARKER).read_text())
+        self.manifest = read_manifest(self.path)
         return self.manifest
 
     def update_manifest(self, **fields) -> None:

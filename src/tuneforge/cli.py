@@ -23,6 +23,9 @@ def cmd_train(args) -> int:
     overrides = list(args.set or [])
     if args.output:
         overrides.append(f"output.dir={args.output}")
+    if args.recipe is None and args.resume in (None, "auto"):
+        raise TuneforgeError("train needs a recipe file (`tuneforge train RECIPE`), or a run to resume from its own "
+                             "record (`tuneforge train --resume RUN_DIR`)")
     run = finetune(args.recipe, overrides=overrides, console=_console(), argv=sys.argv,
                    overwrite=True if args.overwrite else None, resume=args.resume, init_from=args.init_from)
     _print_final(run.metrics)
@@ -173,7 +176,10 @@ def cmd_report(args) -> int:
     from .evaluation.report import write_comparison, write_report
 
     if len(args.run_dirs) == 1 and not args.out:
-        print(write_report(args.run_dirs[0]))
+        from .run.rundir import read_manifest, run_status
+
+        run_dir = args.run_dirs[0]
+        print(write_report(run_dir, status=run_status(run_dir, read_manifest(run_dir))))
     else:
         print(write_comparison(args.run_dirs, args.out or "comparison.html"))
     return 0
@@ -298,13 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune pretrained models from one recipe.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="run a recipe")
-    t.add_argument("recipe")
+    t = sub.add_parser("train", help="run a recipe", description=(
+        "Run a recipe into a run directory (locked while it trains: a second training into it is refused). "
+        "To continue a stopped or killed run: `tuneforge train --resume RUN_DIR` (no recipe needed: the run's own "
+        "config.yaml is used), or `tuneforge train RECIPE --resume auto` (the newest unfinished run of that recipe: "
+        "its output.dir, else the newest runs/<name>-*)."))
+    t.add_argument("recipe", nargs="?", help="the recipe YAML (may be left out with --resume RUN_DIR)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. train.lr=3e-5")
     t.add_argument("--output", help="run directory (same as --set output.dir=...)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run in the output directory (it is kept as RUN.previous until the new "
+                        "run writes its first checkpoint)")
     t.add_argument("--resume", metavar="RUN_DIR|auto",
-                   help="continue that run exactly from its newest valid checkpoint (same recipe and data)")
+                   help="continue that run exactly from its newest valid checkpoint (same recipe and data); with "
+                        "RUN_DIR the recipe argument may be left out; auto: the newest unfinished run of the recipe")
     t.add_argument("--init-from", metavar="RUN_DIR",
                    help="warm start: a new run whose model starts from that run's final weights")
     t.set_defaults(fn=cmd_train)

@@ -7,13 +7,14 @@
 Each step is a stage function over one :class:`~tuneforge.run.job.Job` (``run/build.py``,
 ``run/finish.py``); speed-ups are decided at their stage (``speed/``). This module holds only
 the order of the stages and the guard around them: signals stop training cleanly, an
-out-of-memory error names the fix, and the manifest always tells how the run ended (or,
-for a run killed outright, its lock shows that its process is gone).
+out-of-memory error or a full disk names the fix, and the manifest always tells how the run
+ended (or, for a run killed outright, its lock shows that its process is gone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import sys
 import threading
@@ -117,8 +118,29 @@ def guarded(job):
     except RunInterrupted:
         raise
     except BaseException as err:
+        from ..engine.checkpoint import is_disk_full
+
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        job.run.update_manifest(status=status, error=f"{type(err).__name__}: {err}")
+        full = is_disk_full(err)
+        try:  # whatever failed left nothing half-written behind (checkpoints clean up), so this fits
+            job.run.update_manifest(status=status, error=f"{'disk full: ' if full else ''}{type(err).__name__}: "
+                                                         f"{str(err)[:500]}")
+        except OSError as record_err:
+            job.log(f"[yellow]warning: could not record the failure in {job.run.path / 'manifest.json'} "
+                    f"({record_err.strerror or record_err})[/]")
+        if full:
+            from ..engine.checkpoint import CheckpointWriteError
+
+            free = shutil.disk_usage(job.run.path).free >> 20
+            last = job.trainer.state.last_checkpoint_step if job.trainer else None
+            what = (f"checkpoint '{err.name}'" if isinstance(err, CheckpointWriteError) else
+                    f"'{Path(err.filename).name}'" if getattr(err, "filename", None) else "its files")
+            raise TuneforgeError(
+                f"disk full while writing {what} of {job.run.path} (No space left on device; {free} MB free there); "
+                "nothing half-written was left behind and the checkpoints before it are intact — free disk space (or "
+                "move output.dir to a larger disk), then "
+                + (f"continue from step {last} with `tuneforge train --resume {job.run.path}`" if last
+                   else "train again with --overwrite")) from None
         if _out_of_memory(err):
             last = job.trainer.state.last_checkpoint_step if job.trainer else None
             raise TuneforgeError(

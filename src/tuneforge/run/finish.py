@@ -9,11 +9,11 @@ from pathlib import Path
 
 def finish(job) -> None:
     """Best weights -> final evaluation -> saved model; ``job.final`` holds what eval.json does."""
-    from ..engine.checkpoint import load_checkpoint_weights
+    from ..engine.checkpoint import load_best_weights
     from .artifact import save_model
 
     recipe, trainer, run, log = job.recipe, job.trainer, job.run, job.log
-    best = load_checkpoint_weights(run.checkpoints / "best", job.model)
+    best = load_best_weights(run.checkpoints, job.model, report=log)  # its sha256 checked first
     final = job.final = {"best_step": best["step"], "metric_for_best": recipe.train.metric_for_best,
                          "validation": trainer.evaluate(job.loaders["validation"], "validation")}
     if "test" in job.loaders:

@@ -438,8 +438,12 @@ class RunDir:
         if not is_main_process():
             return
         tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        tmp.replace(self.path / name)  # atomic: readers never see half a file
+        try:
+            tmp.write_text(json.dumps(data, indent=2, default=str))
+            tmp.replace(self.path / name)  # atomic: readers never see half a file
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
+            raise
 
     def write_recipe(self, recipe) -> None:
         if is_main_process():

@@ -2,7 +2,7 @@
 (a lock with its pid and host, taken for new runs and resumes alike, released however the
 process ends); --overwrite keeps the old run until the new one has a checkpoint; a killed
 run says so on the next look and resumes from its own directory; refusals come before the
-model loads."""
+model loads; a completed run keeps no optimizer state and has nothing to resume."""
 
 from __future__ import annotations
 
@@ -244,8 +244,19 @@ def test_refusals_come_before_the_model_loads(done, tmp_path, monkeypatch):
              ({"dir": str(run / "model")}, {}, "inside the run"),
              ({"dir": str(run / "checkpoints" / "new"), "overwrite": True}, {}, "inside the run"),
              ({"dir": str(tmp_path / "a-file")}, {}, "is a file"),
+             ({}, {"resume": str(run)}, "nothing to resume"),
              ({}, {"resume": str(tmp_path)}, "not a tuneforge run directory")]
     for output, kwargs, message in cases:
         with pytest.raises(TuneforgeError, match=message):
             finetune({**recipe, "output": {**recipe["output"], **output}}, **kwargs)
     assert loads == []
+
+
+def test_a_completed_run_drops_its_resumable_state_and_has_nothing_to_resume(done, capsys):
+    run, recipe = done
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best"]  # no optimizer state left
+    manifest = _manifest(run)
+    assert manifest["status"] == "completed" and manifest["resumable"] is False
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "completed" in err and "nothing to resume" in err and "--init-from" in err

@@ -29,7 +29,7 @@ from ..recipe import Recipe, load_recipe
 from ..speed import apply_speedups
 from .build import (build_data, build_model, build_trainer, check_run_dir, open_run_dir, prepare_task, read_data,
                     resolve_compute, seed_everything)
-from .finish import finish, record_completion, write_report
+from .finish import drop_resumable, finish, record_completion, write_report
 from .job import Job, Log
 
 
@@ -83,6 +83,7 @@ def finetune(recipe: Recipe | dict | str | Path | None = None, *, overrides: lis
             train_s = train(job)
             finish(job)
             record_completion(job, train_s)
+        drop_resumable(job)   # after "completed": a kill in between leaves a complete run
     finally:
         job.close()           # every speed-up undone (threads, patched forwards, denormals); the lock released
     if job.recipe.output.report:

@@ -88,6 +88,25 @@ def record_completion(job, train_s: float) -> None:
                             speedups=job.speedups)
 
 
+def drop_resumable(job) -> None:
+    """A completed run keeps ``best`` (the weights of its model) but not the periodic checkpoints
+    with their optimizer state (twice the trainable weights, per checkpoint), unless
+    ``output.keep_resumable``: there is nothing left to resume."""
+    import shutil
+
+    run = job.run
+    if job.recipe.output.keep_resumable or not run.checkpoints.is_dir():
+        return
+    stale = sorted(run.checkpoints.glob("step-*"))
+    size = sum(f.stat().st_size for d in stale for f in d.rglob("*") if f.is_file())
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        job.log(f"dropped {len(stale)} resumable checkpoint(s) ({size / 2**20:.0f} MB): the run is complete "
+                "(output.keep_resumable: true keeps them)")
+    run.update_manifest(resumable=False)
+
+
 def write_report(path: Path, log) -> None:
     """A report failure never costs a finished run: the model and eval.json are already saved."""
     from ..evaluation.report import write_report as write

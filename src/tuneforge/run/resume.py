@@ -5,8 +5,8 @@
   gradient scaler, every RNG, the position in the data order and the callbacks'
   state — so it ends as if it had never stopped. The recipe and data must be the
   ones the run started with; ``tuneforge train --resume RUN_DIR`` needs no recipe (it
-  reads the run's own ``config.yaml``). A run a live process is training is refused (its
-  directory is locked), and ``auto`` passes it by.
+  reads the run's own ``config.yaml``). A completed run has nothing to resume; a run a live
+  process is training is refused (its directory is locked), and ``auto`` passes it by.
 - **warm start** (``--init-from RUN_DIR``): a *new* run whose model starts from
   another run's final weights; optimizer, schedule and data order start fresh,
   and any recipe may be used.
@@ -64,10 +64,14 @@ def find_run_to_resume(spec: str, recipe, origin: str | None) -> Path:
 
 def check_resumable(run_dir: Path, log) -> Path:
     """The newest valid resumable checkpoint of ``run_dir`` (whose lock this process holds),
-    after tidying what a crash left."""
+    after tidying what a crash left; a completed run has nothing to resume."""
     from ..engine.checkpoint import newest_valid, recover
 
     manifest = read_manifest(run_dir)
+    if manifest.get("status") == "completed":
+        raise TuneforgeError(f"{run_dir} completed at step {manifest.get('steps', '?')}: there is nothing to resume "
+                             f"(its model is in {run_dir / 'model'}); to train further, start a new run from its "
+                             f"weights with --init-from {run_dir}, or train it again with --overwrite")
     if manifest.get("status") == "running":  # and this process holds its lock: whoever wrote that is gone
         log(f"resume: {run_dir} was {INTERRUPTED}" + (f": pid {manifest['pid']} on {manifest.get('host', '?')}"
                                                       if manifest.get("pid") is not None else ""))

@@ -301,7 +301,10 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune pretrained models from one recipe.")
+    p.add_argument("--version", action="version", version=f"tuneforge {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run a recipe", description=(

@@ -67,3 +67,20 @@ def image_recipe(tiny_timm_weights, train_dir, out, name="full", **extra) -> dic
     for key, value in extra.items():
         recipe.setdefault(key, {}).update(value)
     return recipe
+
+
+def simulate_crash(run: Path, after_step: int) -> None:
+    """Turn a completed run into what a run killed after ``after_step`` leaves: no later
+    checkpoints, no final model or eval.json, and a manifest still saying "running". The run
+    must have kept its periodic checkpoints (``output.keep_resumable: true``)."""
+    import json
+    import shutil
+
+    for path in (run / "checkpoints").glob("step-*"):
+        if path.name > f"step-{after_step:08d}":
+            shutil.rmtree(path)
+    shutil.rmtree(run / "model")
+    (run / "eval.json").unlink()
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(manifest))

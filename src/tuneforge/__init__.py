@@ -35,10 +35,11 @@ class Run:
         return f"Run({str(self.path)!r})"
 
 
-def finetune(recipe, *, overrides=None, console=None, resume=None, init_from=None) -> Run:
+def finetune(recipe=None, *, overrides=None, console=None, resume=None, init_from=None) -> Run:
     """Run a recipe (path, dict or Recipe) end to end; returns a Run (.metrics, .predict, .path).
 
-    ``resume``: a run directory (or "auto") to continue exactly from its newest valid checkpoint;
+    ``resume``: a run directory (or "auto") to continue exactly from its newest valid checkpoint
+    (with a run directory the recipe may be left out: the run's own is used);
     ``init_from``: a run directory whose final weights start this new run (warm start).
     """
     from .run.finetune import finetune as _finetune

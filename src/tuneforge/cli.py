@@ -23,6 +23,9 @@ def cmd_train(args) -> int:
     overrides = list(args.set or [])
     if args.output:
         overrides.append(f"output.dir={args.output}")
+    if args.recipe is None and args.resume in (None, "auto"):
+        raise TuneforgeError("train needs a recipe file (`tuneforge train RECIPE`), or a run to resume from its own "
+                             "record (`tuneforge train --resume RUN_DIR`)")
     run = finetune(args.recipe, overrides=overrides, console=_console(), argv=sys.argv,
                    overwrite=True if args.overwrite else None, resume=args.resume, init_from=args.init_from)
     _print_final(run.metrics)
@@ -126,14 +129,14 @@ def cmd_predict(args) -> int:
     inputs = list(args.inputs or [])
     if not inputs:
         raise TuneforgeError("nothing to predict: give inputs as arguments or --file FILE")
+    from .deploy.predict import check_output, output_file
+
+    if args.out:
+        check_output(args.out, inputs)  # an input image is never replaced; checked before the model loads
     predictor = open_predictor(args.run_dir, batch_size=args.batch_size)
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    try:
+    with output_file(args.out, inputs) as out:
         for i, result in enumerate(predictor.predict(inputs)):
             out.write(json.dumps({"id": i, **result}) + "\n")
-    finally:
-        if args.out:
-            out.close()
     return 0
 
 
@@ -173,7 +176,10 @@ def cmd_report(args) -> int:
     from .evaluation.report import write_comparison, write_report
 
     if len(args.run_dirs) == 1 and not args.out:
-        print(write_report(args.run_dirs[0]))
+        from .run.rundir import read_manifest, run_status
+
+        run_dir = args.run_dirs[0]
+        print(write_report(run_dir, status=run_status(run_dir, read_manifest(run_dir))))
     else:
         print(write_comparison(args.run_dirs, args.out or "comparison.html"))
     return 0
@@ -295,16 +301,26 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune pretrained models from one recipe.")
+    p.add_argument("--version", action="version", version=f"tuneforge {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="run a recipe")
-    t.add_argument("recipe")
+    t = sub.add_parser("train", help="run a recipe", description=(
+        "Run a recipe into a run directory (locked while it trains: a second training into it is refused). "
+        "To continue a stopped or killed run: `tuneforge train --resume RUN_DIR` (no recipe needed: the run's own "
+        "config.yaml is used), or `tuneforge train RECIPE --resume auto` (the newest unfinished run of that recipe: "
+        "its output.dir, else the newest runs/<name>-*)."))
+    t.add_argument("recipe", nargs="?", help="the recipe YAML (may be left out with --resume RUN_DIR)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. train.lr=3e-5")
     t.add_argument("--output", help="run directory (same as --set output.dir=...)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run in the output directory (it is kept as RUN.previous until the new "
+                        "run writes its first checkpoint)")
     t.add_argument("--resume", metavar="RUN_DIR|auto",
-                   help="continue that run exactly from its newest valid checkpoint (same recipe and data)")
+                   help="continue that run exactly from its newest valid checkpoint (same recipe and data); with "
+                        "RUN_DIR the recipe argument may be left out; auto: the newest unfinished run of the recipe")
     t.add_argument("--init-from", metavar="RUN_DIR",
                    help="warm start: a new run whose model starts from that run's final weights")
     t.set_defaults(fn=cmd_train)
@@ -327,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="*", help="texts or image paths")
     pr.add_argument("--file", help="CSV/TSV/JSONL/Parquet file (or an image folder) of inputs")
     pr.add_argument("--column", help="input column in --file (default text / image)")
-    pr.add_argument("--out", help="write JSON lines here instead of stdout")
+    pr.add_argument("--out", help="write JSON lines here instead of stdout (never an input file; written to a "
+                                   "temporary file renamed at the end)")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--id-column", help="column of --file whose value identifies each row in the output "
                                          "(default: file and line)")
@@ -356,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="(re)write a run's report.html, or compare several runs side by side")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    rep.add_argument("--out", default=None, help="comparison page to write (default comparison.html)")
+    rep.add_argument("--out", default=None, help="comparison page to write (default comparison.html): a new .html "
+                                                 "file or an earlier report, outside every run directory")
     rep.set_defaults(fn=cmd_report)
 
     rp = sub.add_parser("reproduce", help="run a finished run again from its record and compare the metrics")
@@ -370,10 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="onnx: a graph for onnxruntime (dynamic batch/sequence axes) + tokenizer/preprocessing; "
                          "safetensors: plain weights + config, loadable by tuneforge.load without the recipe; "
                          "hf: a Hugging Face encoder directory (LoRA/IA3 merged) + head + pooling, for plain transformers")
-    ex.add_argument("--out", required=True, help="directory to write (must be empty unless --overwrite)")
+    ex.add_argument("--out", required=True, help="directory to write: new, empty, or an earlier export with "
+                                                 "--overwrite (never a run directory or a folder inside one)")
     ex.add_argument("--quantize", choices=["int8"], default=None, help="onnx only: dynamic int8 weights (CPU)")
     ex.add_argument("--samples", type=int, default=16, help="rows of the run's data used for the parity check")
-    ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     ex.set_defaults(fn=cmd_export)
 
     sv = sub.add_parser("serve", help="serve a run's model over HTTP (micro-batched; needs the serve extra)")

@@ -154,6 +154,7 @@ class OutputSection(_Section):
     merge_tolerance: float = Field(1e-4, gt=0, description="Largest logit difference abs(merged - unmerged) that output.merge accepts, in units of max(1, largest abs(logit)) (fp32, up to 16 validation examples).")
     loggers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list, description="Also log to these experiment trackers (each an optional extra): tensorboard writes <run>/tensorboard; mlflow writes a local MLflow file store in <run>/mlruns (the recipe as parameters; view with mlflow ui --backend-store-uri <run>/mlruns).")
     report: bool = Field(True, description="Write <run>/report.html (self-contained) and the figures as PNGs in <run>/report/ at the end of the run.")
+    keep_resumable: bool = Field(False, description="Keep the periodic checkpoints (optimizer state included) after the run completes; by default only checkpoints/best stays.")
 
 
 class Recipe(_Section):

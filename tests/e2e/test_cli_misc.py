@@ -65,3 +65,11 @@ def test_command_line_entry_point(tmp_path):
                          capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.returncode == 0, out.stderr
     assert "valid" in out.stdout and "max_train_rows: 8000" in out.stdout
+
+
+def test_version(capsys):
+    import tuneforge
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"tuneforge {tuneforge.__version__}"

@@ -32,7 +32,8 @@ def _recipe(tiny_bert_dir, train, out, strategy, precision="fp32", epochs=4):
     return text_recipe(tiny_bert_dir, train, out, strategy,
                        train={"epochs": epochs, "batch_size": 4, "lr": 1e-3, "save_every": 1, "eval_every": 7,
                               "deterministic": True, "log_every": 3, "keep_checkpoints": 3,
-                              "precision": precision, "flush_denormal": True})
+                              "precision": precision, "flush_denormal": True},
+                       output={"keep_resumable": True})  # the tests look at the periodic checkpoints afterwards
 
 
 def _final_weights(run: Path) -> dict:
@@ -217,24 +218,17 @@ def test_recover_after_kill_between_renames(tmp_path):
 def test_image_run_with_augmentation_resumes_exactly(tiny_timm_weights, tmp_path):
     """Random crops and flips are seeded per (seed, epoch, index): a resumed run with a
     loader worker sees the same images as an uninterrupted one."""
-    import shutil
-
-    from helpers import image_recipe, write_image_folder
+    from helpers import image_recipe, simulate_crash, write_image_folder
 
     train = write_image_folder(tmp_path / "images", n_per_class=8)  # 12 train images: 3 steps an epoch
     recipe = image_recipe(tiny_timm_weights, train, tmp_path / "reference", "full",
                           data={"augment": True, "hflip": 0.5, "num_workers": 1},
                           train={"epochs": 3, "save_every": 1, "deterministic": True, "keep_checkpoints": 50,
-                                 "flush_denormal": True})
+                                 "flush_denormal": True}, output={"keep_resumable": True})
     reference = finetune(recipe)
     recipe["output"]["dir"] = str(tmp_path / "crashed")
     crashed = finetune(recipe).path
-    # Simulate a crash after step 5 (mid-epoch 2): later checkpoints and the outputs never happened.
-    for path in (crashed / "checkpoints").glob("step-*"):
-        if path.name > "step-00000005":
-            shutil.rmtree(path)
-    shutil.rmtree(crashed / "model")
-    (crashed / "eval.json").unlink()
+    simulate_crash(crashed, after_step=5)  # mid-epoch 2
     assert newest_valid(crashed / "checkpoints").name == "step-00000005"
     finetune(recipe, resume=str(crashed))
     ref, got = _final_weights(reference.path), _final_weights(crashed)

@@ -175,3 +175,41 @@ def test_mlflow_logger_writes_the_same_numbers_to_a_local_store(tiny_bert_dir, t
     assert history == {e["step"]: pytest.approx(e["loss"], rel=1e-6) for e in evals}
     steps = [m.step for m in client.get_metric_history(logged_run.info.run_id, "train/loss")]
     assert sorted(steps) == [1, 2, 3, 4]
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_report_out_overwrites_only_reports_and_never_writes_into_a_run(text_run, tmp_path, capsys):
+    """Issue 22: `report RUN --out <any file>` replaced it, a run's manifest.json included."""
+    run = text_run.path
+    victims = [run / "manifest.json", run / "eval.json", tmp_path / "notes.html", tmp_path / "data.csv"]
+    victims[2].write_text("<!DOCTYPE html><html><body>my own page</body></html>")
+    victims[3].write_text("text,label\ngood,pos\n")
+    before = {v: _sha(v) for v in victims}
+    for out in [*victims, run / "comparison.html", run / "model" / "cmp.html"]:
+        assert main(["report", str(run), "--out", str(out)]) == 2, out
+        assert "error:" in capsys.readouterr().err
+    assert {v: _sha(v) for v in victims} == before
+    assert not (run / "comparison.html").exists() and not (run / "model" / "cmp.html").exists()
+    # a comparison page replaces an earlier one (its own kind), written outside every run
+    page = tmp_path / "cmp.html"
+    assert main(["report", str(run), str(run), "--out", str(page)]) == 0
+    assert main(["report", str(run), str(run), "--out", str(page)]) == 0
+    _parse(page)
+    assert main(["report", str(run)]) == 0 and (run / "report.html").exists()  # its own report path
+
+
+def test_a_damaged_manifest_is_an_error_that_names_the_fix(text_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(text_run.path, copy)
+    (copy / "manifest.json").write_text("<!DOCTYPE html><html>not json")
+    for command in (["report", str(copy)], ["reproduce", str(copy)]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert "manifest.json is damaged" in err and "restore it" in err and "Traceback" not in err

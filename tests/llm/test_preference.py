@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from helpers import simulate_crash
 from tuneforge import finetune
 from tuneforge.errors import TuneforgeError
 from tuneforge.llm.tiny import make_tiny_lm, write_jsonl
@@ -152,15 +152,11 @@ def test_lora_reference_is_the_base_model_sharing_its_weights(tiny, tmp_path):
 def test_resumed_run_reuses_the_reference_cache(tiny, tmp_path, monkeypatch):
     recipe = _recipe(tiny, tmp_path / "run", "full", train={"max_steps": 6, "eval_every": 2, "save_every": 2,
                                                            "keep_checkpoints": 5})
+    recipe["output"]["keep_resumable"] = True  # for the crash below
     done = finetune(recipe)
     cache = done.path / REFERENCE_FILE
     written = cache.stat().st_mtime_ns
-    # Simulate a crash after step 2: later checkpoints and the outputs never happened.
-    for path in (done.path / "checkpoints").glob("step-*"):
-        if path.name > "step-00000002":
-            shutil.rmtree(path)
-    shutil.rmtree(done.path / "model")
-    (done.path / "eval.json").unlink()
+    simulate_crash(done.path, after_step=2)  # later checkpoints and the outputs never happened
 
     def recompute(*args, **kwargs):
         raise AssertionError("a resumed run recomputed the reference log-probs (now with trained weights?)")

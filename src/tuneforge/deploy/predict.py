@@ -5,11 +5,18 @@ flushed) before the next is read, so a crash, a Ctrl-C or a bad record never cos
 predictions already made. A bad record (an unreadable image, a malformed row) becomes an
 ``{"id", "error"}`` line and prediction goes on; with ``on_error="stop"`` it stops there,
 keeping everything written before it.
+
+The output never replaces an input: an ``--out`` that is the input file (the same path, or
+the same file through a link) or a file of a run directory is refused before the model
+loads, and predictions go to a temporary file beside ``--out`` that is renamed to it at the
+end — also when prediction stops early, so what was written is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +26,47 @@ import torch
 from ..errors import TuneforgeError
 
 from ..modalities import IMAGE_SUFFIXES, modality_of  # noqa: F401 - IMAGE_SUFFIXES kept for old imports
+
+
+def check_output(out, inputs=()) -> Path:
+    """``out`` if predictions may be written there; an input, a directory or a run's own file is refused."""
+    from ..run.rundir import RUN_DIRS, RUN_FILES, enclosing_run
+
+    path = Path(out)
+    if path.is_file():  # a file that does not exist yet is no input; one that does is compared by inode
+        for source in inputs:
+            source = Path(source)
+            if source.is_file() and os.path.samefile(path, source):
+                raise TuneforgeError(
+                    f"--out {out} is the input file {source}: the predictions would replace it; write them to "
+                    f"another file, e.g. --out {path.with_name(path.stem + '.predictions.jsonl')}")
+    if path.is_dir():
+        raise TuneforgeError(f"--out {out} is a directory; give a file name, e.g. --out {path / 'predictions.jsonl'}")
+    run = enclosing_run(path.parent) if path.parent.exists() else None
+    if run is not None and path.exists():
+        part = Path(os.path.realpath(path)).relative_to(run).parts[0]
+        if part in RUN_FILES or part in RUN_DIRS:
+            raise TuneforgeError(f"--out {out} is a file of the run {run}; write the predictions to a new file")
+    if not path.parent.is_dir():
+        raise TuneforgeError(f"--out {out}: the directory {path.parent} does not exist; create it first")
+    return path
+
+
+@contextlib.contextmanager
+def output_file(out, inputs=()):
+    """stdout without ``out``; else a temporary file beside ``out``, renamed to it at the end
+    (however prediction ends: what was written is kept)."""
+    if not out:
+        yield sys.stdout
+        return
+    path = check_output(out, inputs)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    sink = open(tmp, "w", encoding="utf-8")
+    try:
+        yield sink
+    finally:
+        sink.close()
+        os.replace(tmp, path)
 
 
 def _items(predictor, source: str, column: str | None, id_column: str | None, skipped: list) -> tuple[list, int]:
@@ -75,14 +123,16 @@ def predict_file(run_dir, source: str, out: str | None, *, column: str | None = 
 
     if on_error not in ("continue", "stop"):
         raise TuneforgeError(f"--on-error must be continue or stop, got {on_error!r}")
+    if out:
+        check_output(out, [source])  # before the model loads
     predictor = open_predictor(run_dir, batch_size=batch_size)
     skipped: list = []
     items, total = _items(predictor, source, column, id_column, skipped)
-    sink = open(out, "w", encoding="utf-8") if out else sys.stdout
+    files = [value for _, value in items if isinstance(value, str)] if modality_of(predictor.meta["modality"]).files else []
     counts = {"predicted": 0, "errors": 0, "skipped_rows": len(skipped)}
-    for where in skipped:  # malformed rows the reader dropped: reported in the output too
-        sink.write(json.dumps({"id": where.split(":", 1)[0], "error": where}) + "\n")
-    try:
+    with output_file(out, [source, *files]) as sink:  # images listed in a manifest are inputs too
+        for where in skipped:  # malformed rows the reader dropped: reported in the output too
+            sink.write(json.dumps({"id": where.split(":", 1)[0], "error": where}) + "\n")
         for batch in _batches(items, batch_size, progress, console, total):
             inputs, good, bad = _encode(predictor, batch)
             if inputs is not None:
@@ -98,9 +148,6 @@ def predict_file(run_dir, source: str, out: str | None, *, column: str | None = 
                     raise TuneforgeError(f"{message} — stopped (--on-error stop); the {counts['predicted']} "
                                          f"predictions before it are in {out or 'the output'}")
             sink.flush()
-    finally:
-        if out:
-            sink.close()
     return counts
 
 

@@ -11,11 +11,16 @@ It is built as ``.<name>.tmp``, each file fsynced, then renamed into place, so a
 crash, a SIGKILL or a full disk never leaves a half-written checkpoint under a
 real name; the previous checkpoint stays intact until the new one is complete.
 ``meta.json`` is written last: a directory without a readable one, or whose
-checksums disagree, is reported and skipped on resume.
+checksums disagree, is reported and skipped on resume, and every load checks them
+first (a damaged ``best`` is replaced by the periodic checkpoint of the same step, or
+the run fails): damaged weights are never loaded silently. Whatever stops a write
+(a full disk reads as ``OSError``, or as torch's and safetensors' own errors), the
+partial copy is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,6 +39,35 @@ META = "meta.json"
 
 class CheckpointWriteError(TuneforgeError):
     """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+    def __init__(self, message: str, name: str = ""):
+        super().__init__(message)
+        self.name = name  # the checkpoint that could not be written
+
+
+class CheckpointCorrupt(TuneforgeError):
+    """A checkpoint the run was about to load does not match its recorded sha256."""
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# How a full disk reads when a library reports it in its own words: torch.save ("PytorchStreamWriter
+# failed writing file ... file write failed"), safetensors ("IoError(Os { code: 28, kind: StorageFull"))
+_FULL_TEXT = ("no space left", "file write failed", "storagefull", "disk quota", "os error 28", "code: 28")
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether ``err`` (or an error it was raised from) says the disk or the quota is full."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, CheckpointWriteError) and "disk full" in str(err):
+            return True
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return True
+        if isinstance(err, (RuntimeError, OSError)) and any(t in str(err).lower() for t in _FULL_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def trainable_state(model: torch.nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -122,12 +156,21 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, *, optimizer=None, 
         meta = {**meta, "files": {name: _sha256(tmp / name) for name in files}}
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
         _fsync(tmp / META)
-    except OSError as err:
+    except BaseException as err:
+        # Whatever stopped the write (a full disk reads as OSError, or as torch's and safetensors'
+        # own errors), the partial copy goes: left behind, it kept a full disk full.
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(
-            f"could not write checkpoint '{directory.name}' ({err.strerror or err}); the previous checkpoints "
-            f"in {directory.parent} are intact — free disk space (or fix permissions) and resume with --resume"
-        ) from None
+        if is_disk_full(err):
+            raise CheckpointWriteError(
+                f"disk full: could not write checkpoint '{directory.name}' (No space left on device); the previous "
+                f"checkpoints in {directory.parent} are intact — free disk space and resume with --resume",
+                directory.name) from None
+        if isinstance(err, OSError):
+            raise CheckpointWriteError(
+                f"could not write checkpoint '{directory.name}' ({err.strerror or err}); the previous checkpoints "
+                f"in {directory.parent} are intact — fix the permissions (or free disk space) and resume with --resume",
+                directory.name) from None
+        raise
     old = directory.with_name(f".{directory.name}.old")
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -194,9 +237,39 @@ def read_meta(directory: Path) -> dict:
     return json.loads((Path(directory) / META).read_text())
 
 
+def check_intact(directory: Path) -> None:
+    """Raise :class:`CheckpointCorrupt` unless every file of ``directory`` matches its recorded sha256."""
+    problem = verify_checkpoint(directory)
+    if problem is not None:
+        raise CheckpointCorrupt(f"checkpoint {directory} is damaged: {problem}; its weights were not loaded")
+
+
 def load_checkpoint_weights(directory: Path, model: torch.nn.Module) -> dict:
+    """Load the checkpoint's weights into ``model`` after checking every recorded sha256: a
+    damaged checkpoint is never loaded silently."""
+    check_intact(directory)
     load_trainable_state(model, load_file(str(Path(directory) / "trainable.safetensors")))
     return read_meta(directory)
+
+
+def load_best_weights(checkpoints: Path, model: torch.nn.Module, report=print) -> dict:
+    """``checkpoints/best`` into ``model``. If it is damaged, the periodic checkpoint of the same
+    step holds the same weights: loaded instead, and said loudly; without one the run fails."""
+    best = Path(checkpoints) / "best"
+    try:
+        return load_checkpoint_weights(best, model)
+    except CheckpointCorrupt as err:
+        try:
+            step = read_meta(best)["step"]
+        except (OSError, ValueError, KeyError):
+            step = None
+        twin = Path(checkpoints) / f"step-{step:08d}" if isinstance(step, int) else None
+        if twin is not None and twin.is_dir() and verify_checkpoint(twin) is None:
+            report(f"[bold red]{err}[/] — loaded the same step's weights from {twin.name} instead")
+            return load_checkpoint_weights(twin, model)
+        raise CheckpointCorrupt(f"{err}, and no intact checkpoint of the same step is left; the final model was "
+                                f"not saved — train again (with --overwrite), or keep more periodic checkpoints "
+                                "(train.keep_checkpoints) so a damaged best can be replaced") from None
 
 
 def load_resumable(directory: Path, model, optimizer, scheduler, scaler) -> dict:

@@ -4,6 +4,10 @@ Everything comes from the run directory (config.yaml, manifest.json, metrics.jso
 eval.json), so `tuneforge report RUN_DIR` can redraw it any time. The page opens
 offline: inline CSS, no scripts, no fonts, every image a base64 PNG; the same
 figures are written as PNG files in ``<run>/report/``.
+
+A report replaces only a report: the pages carry a generator tag, an existing file without
+it is never overwritten, and nothing is written inside a run directory except that run's
+own ``report.html`` and ``report/`` (a comparison page goes outside every run).
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 
 from ..errors import TuneforgeError
 from . import figures
+
+GENERATOR = "<meta name='generator' content='tuneforge'>"  # how a report is told from any other file
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
@@ -47,12 +54,24 @@ def parameter_summary(model) -> dict:
 
 # --------------------------------------------------------------------------- reading a run
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise TuneforgeError(f"{path} is damaged ({type(err).__name__}: {str(err)[:120]}); restore it from a copy of "
+                             "the run (the report reads it)") from None
+    if not isinstance(data, dict):
+        raise TuneforgeError(f"{path} is damaged (not a JSON object); restore it from a copy of the run")
+    return data
+
+
 def read_run(run_dir: Path) -> dict:
     import yaml
 
     run_dir = Path(run_dir)
     if not (run_dir / "manifest.json").is_file():
         raise TuneforgeError(f"{run_dir} is not a tuneforge run directory (no manifest.json)")
+    manifest = _read_json(run_dir / "manifest.json")
     events = []
     if (run_dir / "metrics.jsonl").is_file():
         for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
@@ -60,9 +79,13 @@ def read_run(run_dir: Path) -> dict:
                 events.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a line cut by a crash: the rest still draws
-    final = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    return {"path": run_dir, "manifest": json.loads((run_dir / "manifest.json").read_text()), "config": config,
+    final = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else {}
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise TuneforgeError(f"{run_dir / 'config.yaml'} is damaged ({type(err).__name__}); restore it from a copy "
+                             "of the run") from None
+    return {"path": run_dir, "manifest": manifest, "config": config,
             "final": final, "train": [e for e in events if e.get("event") == "train"],
             "evals": [e for e in events if e.get("event") == "eval"]}
 
@@ -93,9 +116,55 @@ def _img(png: bytes, alt: str) -> str:
 def _page(title: str, sections: list[tuple[str, str, str]]) -> str:
     body = "".join(f"<section id='{sid}'><h2>{_e(name)}</h2>{content}</section>" for sid, name, content in sections)
     stamp = datetime.now().isoformat(timespec="seconds")
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{GENERATOR}<title>{_e(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"
             f"<p class='muted'>written by tuneforge at {stamp}</p>{body}</body></html>")
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is a page tuneforge wrote (the generator tag; older pages: their byline)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return head.startswith("<!DOCTYPE html>") and (GENERATOR in head or "written by tuneforge at" in head)
+
+
+def _enclosing_run(path: Path) -> Path | None:
+    here = Path(os.path.realpath(path))
+    for directory in (here, *here.parents):
+        if (directory / "manifest.json").is_file():
+            return directory
+    return None
+
+
+def check_page_target(out: Path) -> None:
+    """Refuse a comparison page that would replace a file that is not a report, or land in a run."""
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise TuneforgeError(f"--out {out}: a report is an HTML page; give a name ending in .html, "
+                             f"e.g. --out {out.with_suffix('.html').name}")
+    run = _enclosing_run(out.parent)
+    if run is not None:
+        raise TuneforgeError(f"--out {out} lies inside the run {run}; a comparison page goes outside every run "
+                             "(`tuneforge report RUN` alone rewrites that run's own report.html) — e.g. --out "
+                             "comparison.html")
+    if out.is_dir() or (out.exists() and not is_report(out)):
+        raise TuneforgeError(f"{out} exists and is not a tuneforge report; it was left as it is — choose another --out")
+    figure = out.with_suffix(".png")
+    if figure.exists() and not out.exists():
+        raise TuneforgeError(f"{figure} exists and the comparison's figure would replace it; choose another --out")
+
+
+def _write_page(path: Path, page: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _metrics_table(final: dict) -> str:
@@ -167,11 +236,16 @@ def _pre(data) -> str:
 
 # --------------------------------------------------------------------------- one run
 
-def write_report(run_dir) -> Path:
-    """Write ``<run>/report.html`` and ``<run>/report/*.png``; return the HTML path."""
+def write_report(run_dir, status: str | None = None) -> Path:
+    """Write ``<run>/report.html`` and ``<run>/report/*.png``; return the HTML path. ``status``:
+    what to show instead of the manifest's (a killed run's "interrupted (process gone)")."""
     import yaml
 
     run = read_run(Path(run_dir))
+    path = run["path"] / "report.html"
+    if path.is_dir() or (path.exists() and not is_report(path)):
+        raise TuneforgeError(f"{path} exists and is not a tuneforge report; it was left as it is — move it away "
+                             "and run `tuneforge report` again")
     m, final, cfg = run["manifest"], run["final"], run["config"]
     val = final.get("validation", {})
     metric = final.get("metric_for_best") or cfg.get("train", {}).get("metric_for_best", "accuracy")
@@ -201,7 +275,7 @@ def write_report(run_dir) -> Path:
     per_class = val.get("per_class", [])
     repro = m.get("reproducibility", {})
     timings = m.get("timings", {})
-    status = m.get("status", "?")
+    status = status or m.get("status", "?")
     sections = [
         ("summary", "Summary", f"<p>status <b>{_e(status)}</b>; model <b>{_e(cfg.get('model', {}).get('name'))}</b>, "
          f"strategy <b>{_e(cfg.get('strategy', {}).get('name'))}</b>, {m.get('steps', '?')} steps, precision "
@@ -237,11 +311,7 @@ def write_report(run_dir) -> Path:
          + "</details><details><summary>reproducibility record (package lock, environment, hashes)</summary>"
          + _pre(repro) + "</details>"),
     ]
-    page = _page(f"tuneforge run {run['path'].name}", sections)
-    path = run["path"] / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    _write_page(path, _page(f"tuneforge run {run['path'].name}", sections))
     return path
 
 
@@ -259,6 +329,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def write_comparison(run_dirs: list, out: str | Path) -> Path:
     """Runs side by side: final metrics, the recipe keys that differ, timings, overlaid curves."""
+    check_page_target(Path(out))
     runs = [read_run(Path(d)) for d in run_dirs]
     names = [r["path"].name for r in runs]
     if len(set(names)) < len(names):
@@ -285,7 +356,7 @@ def write_comparison(run_dirs: list, out: str | Path) -> Path:
     sections.append(("curves", f"Training loss and validation {metric}", _img(png, "curves") if png else ""))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_page(f"tuneforge: {len(runs)} runs compared", sections), encoding="utf-8")
+    _write_page(out, _page(f"tuneforge: {len(runs)} runs compared", sections))
     if png:
         out.with_suffix(".png").write_bytes(png)
     return out

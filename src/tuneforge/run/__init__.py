@@ -2,7 +2,8 @@
 from a recipe, trains it and finishes it; the run directory, resume, provenance and the saved
 model (``artifact``) are its parts. Nothing here imports ``deploy`` or ``workflows``."""
 
-from .rundir import RUN_MARKER, RunDir, default_run_dir, device_info, is_main_process, package_versions, prepare_run_dir
+from .rundir import (RUN_MARKER, RunBusy, RunDir, RunLock, default_run_dir, device_info, is_main_process, lock_holder,
+                     package_versions, prepare_run_dir, run_status)
 
-__all__ = ["RUN_MARKER", "RunDir", "default_run_dir", "device_info", "is_main_process", "package_versions",
-           "prepare_run_dir"]
+__all__ = ["RUN_MARKER", "RunBusy", "RunDir", "RunLock", "default_run_dir", "device_info", "is_main_process",
+           "lock_holder", "package_versions", "prepare_run_dir", "run_status"]

@@ -29,9 +29,35 @@ FORMAT_VERSION = 1
 
 
 def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe, merged: dict | None = None) -> Path:
-    """``merged``: the report of ``merge_and_check`` when ``model`` is an already merged plain model."""
+    """``merged``: the report of ``merge_and_check`` when ``model`` is an already merged plain model.
+
+    Written into ``.<name>.tmp`` beside ``directory`` and renamed into place at the end: a full
+    disk or a crash leaves no half-saved model under the real name, and no partial copy at all
+    (a failed write removes it: left behind, it kept a full disk full)."""
+    import shutil
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_model(tmp, model=model, loaded=loaded, strategy=strategy, labels=labels, task=task, recipe=recipe,
+                     merged=merged)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(directory)
+    return directory
+
+
+def _write_model(directory: Path, *, model, loaded, strategy, labels, task, recipe, merged: dict | None) -> None:
     info = loaded.info
     meta = {
         "format_version": FORMAT_VERSION,
@@ -77,7 +103,6 @@ def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe
         meta["layout"] = "full-state"
     labels.save(directory / "labels.json")
     (directory / "tuneforge.json").write_text(json.dumps(meta, indent=2))
-    return directory
 
 
 def _load_base(meta: dict, directory: Path):

@@ -2,8 +2,9 @@
 
 Order matters only where stated: data and model are read and checked before anything is
 written (a wrong path or model costs nothing and leaves no half-made run behind); the run
-directory opens next; the datasets and loaders, then the trainer, come after it, so their
-failures are recorded in the manifest.
+directory is checked and locked right after the data, before the model loads (a refusal
+costs nothing either), and opens after the model; the datasets and loaders, then the
+trainer, come after it, so their failures are recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.callbacks import Callback
 from ..errors import TuneforgeError
 
 
@@ -150,33 +152,88 @@ def _keep_fp32_where_faster(job) -> None:
 
 # --------------------------------------------------------------------------- run directory
 
+def check_run_dir(job) -> None:
+    """Where the run goes, checked before the model loads (a refusal costs nothing) and locked
+    for this process until the run ends, however it ends: a new run may not go into a directory
+    that holds another run (without --overwrite) or lies inside one; a resumed run must be the
+    same run, unfinished, not trained by a live process, with a valid checkpoint."""
+    from .resume import check_resumable, check_same_run, find_run_to_resume
+    from .rundir import RunDir, check_output_dir, default_run_dir
+
+    recipe = job.recipe
+    if job.resume:
+        run = RunDir(find_run_to_resume(job.resume, recipe, job.origin))
+        _lock(job, run, "resume")
+        check_same_run(run.path, recipe, job.fingerprints)
+        job.checkpoint = check_resumable(run.path, job.log)
+    elif recipe.output.dir:
+        path = Path(recipe.output.dir)
+        check_output_dir(path, _overwrite(job))  # at once: nothing written, nothing locked
+        run = RunDir(path)
+        _lock(job, run, "train")
+        check_output_dir(path, _overwrite(job))  # again under the lock: a run started meanwhile has it now
+    else:
+        run = _fresh_default(job, default_run_dir(recipe, job.origin))
+    job.run = run
+
+
+def _fresh_default(job, path: Path):
+    """No output.dir: runs/<name>-<stamp>, or -2, -3 ... when a run started in the same second has it."""
+    from .rundir import RunBusy, RunDir, check_output_dir
+
+    for n in range(1, 100):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        if candidate.exists() and any(candidate.iterdir()):
+            continue
+        run = RunDir(candidate)
+        try:
+            _lock(job, run, "train")
+        except RunBusy:
+            continue
+        try:
+            check_output_dir(candidate, False)
+            return run
+        except TuneforgeError:
+            if run.lock is not None:
+                run.lock.release()
+    raise TuneforgeError(f"no free run directory next to {path}; set output.dir")
+
+
+def _overwrite(job) -> bool:
+    return job.recipe.output.overwrite if job.overwrite is None else job.overwrite
+
+
+def _lock(job, run, purpose: str) -> None:
+    from .rundir import RunLock, describe_holder, is_main_process
+
+    if not is_main_process():
+        return  # one lock per run: rank 0's (the others of a multi-process run write nothing)
+    run.lock = RunLock(run.path).acquire(purpose)
+    job.on_exit(run.lock.release)  # registered first, so undone last: the directory stays ours to the end
+    if run.lock.stale:
+        job.log(f"{run.path}: its last holder is gone ({describe_holder(run.lock.stale)}); lock taken over")
+
+
 def open_run_dir(job) -> None:
-    """A new run directory with its recipe and manifest, or the run being resumed (checked to be
-    the same run, its newest valid checkpoint found)."""
-    from ..engine.checkpoint import newest_valid, recover
+    """The run directory :func:`check_run_dir` chose and locked: a new one gets its recipe and
+    manifest (with --overwrite the old run is set aside until this one has a checkpoint); a
+    resumed one records that it runs again."""
     from ..engine.precision import precision_name
     from .provenance import record
-    from .resume import check_same_run, find_run_to_resume
-    from .rundir import RunDir, default_run_dir, prepare_run_dir
+    from .rundir import prepare_run_dir, previous_of, process_record, settle_previous
 
-    recipe, log = job.recipe, job.log
+    recipe, log, run = job.recipe, job.log, job.run
     if job.resume:
-        run = job.run = RunDir(find_run_to_resume(job.resume, recipe, job.origin))
-        check_same_run(run.path, recipe, job.fingerprints)
-        recover(run.checkpoints, None, report=log)
-        job.checkpoint = newest_valid(run.checkpoints, report=log)
-        recover(run.checkpoints, job.checkpoint, report=log)
-        if job.checkpoint is None:
-            raise TuneforgeError(f"{run.path} has no valid resumable checkpoint to continue from; "
-                                 "start it again with --overwrite (or set train.save_every to checkpoint more often)")
         run.load_manifest()
         resumed = run.manifest.get("resumed", []) + [{"from": job.checkpoint.name, "argv": job.argv or sys.argv}]
-        run.update_manifest(status="running", resumed=resumed, error=None)
+        run.update_manifest(status="running", resumed=resumed, error=None, **process_record())
         log(f"resume: continuing {run.path} exactly from {job.checkpoint.name}")
     else:
-        overwrite = recipe.output.overwrite if job.overwrite is None else job.overwrite
-        path = Path(recipe.output.dir) if recipe.output.dir else default_run_dir(recipe, job.origin)
-        run = job.run = RunDir(prepare_run_dir(path, overwrite))
+        prepare_run_dir(run.path, _overwrite(job), log)
+        backup = previous_of(run.path)
+        run.previous = backup if backup.exists() else None  # the run this one replaces, until its first checkpoint
+        if run.previous is not None:
+            job.on_exit(lambda: settle_previous(run.path, run.previous, log))
         precision = precision_name(job.amp_dtype)
         run.write_recipe(recipe)
         run.start_manifest(recipe, job.argv, job.device, precision)
@@ -252,6 +309,8 @@ def build_trainer(job) -> None:
         callbacks.append(EarlyStopping(cfg.early_stopping.patience))
     if cfg.progress:
         callbacks.append(RichProgress(job.console))
+    if run.previous is not None:
+        callbacks.append(_DropPrevious(run))  # last: sees the checkpoints this step wrote
     if recipe.retain.data:
         callbacks.append(_retain_monitor(job))
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, cfg.warmup,
@@ -269,6 +328,22 @@ def build_trainer(job) -> None:
 
         trainer.restore(load_resumable(job.checkpoint, job.model, trainer.optimizer, trainer.scheduler, trainer.scaler))
         restore_rng(job.checkpoint)  # last: nothing may consume randomness between here and the loop
+
+
+class _DropPrevious(Callback):
+    """--overwrite: the run set aside goes as soon as this one has written its first checkpoint."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def on_step_end(self, trainer) -> None:
+        from .rundir import drop_previous
+
+        if self.run.previous is not None and drop_previous(self.run.path, self.run.previous):
+            self.run.previous = None
+
+    def on_eval_end(self, trainer, metrics: dict) -> None:
+        self.on_step_end(trainer)
 
 
 def _retain_monitor(job):

@@ -7,12 +7,14 @@
 Each step is a stage function over one :class:`~tuneforge.run.job.Job` (``run/build.py``,
 ``run/finish.py``); speed-ups are decided at their stage (``speed/``). This module holds only
 the order of the stages and the guard around them: signals stop training cleanly, an
-out-of-memory error names the fix, and the manifest always tells how the run ended.
+out-of-memory error or a full disk names the fix, and the manifest always tells how the run
+ended (or, for a run killed outright, its lock shows that its process is gone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import sys
 import threading
@@ -25,9 +27,9 @@ import torch
 from ..errors import TuneforgeError
 from ..recipe import Recipe, load_recipe
 from ..speed import apply_speedups
-from .build import (build_data, build_model, build_trainer, open_run_dir, prepare_task, read_data, resolve_compute,
-                    seed_everything)
-from .finish import finish, record_completion, write_report
+from .build import (build_data, build_model, build_trainer, check_run_dir, open_run_dir, prepare_task, read_data,
+                    resolve_compute, seed_everything)
+from .finish import drop_resumable, finish, record_completion, write_report
 from .job import Job, Log
 
 
@@ -41,26 +43,34 @@ class RunResult:
     history: list = field(default_factory=list)
 
 
-def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None = None, console=None,
+def finetune(recipe: Recipe | dict | str | Path | None = None, *, overrides: list[str] | None = None, console=None,
              argv: list[str] | None = None, overwrite: bool | None = None, resume: str | None = None,
              init_from: str | None = None) -> RunResult:
     """Run a recipe end to end; return a :class:`RunResult`.
 
     ``resume``: a run directory (or ``"auto"``) to continue exactly from its newest valid
-    checkpoint. ``init_from``: a run directory whose final weights start a new run.
+    checkpoint; with a run directory the recipe may be left out (the run's own is used).
+    ``init_from``: a run directory whose final weights start a new run.
     """
     from rich.console import Console
 
+    from .resume import recipe_of_run
+
     if resume and init_from:
         raise TuneforgeError("--resume continues a run exactly and --init-from starts a new one; use one of them")
+    if recipe is None and (not resume or resume == "auto"):
+        raise TuneforgeError("no recipe: give the recipe file, or resume a run from its own record with "
+                             "`tuneforge train --resume RUN_DIR`")
     origin = str(recipe) if isinstance(recipe, (str, Path)) else None
     console = console if console is not None else Console(stderr=True)
-    job = Job(load_recipe(recipe, overrides), origin=origin, argv=argv, overwrite=overwrite, resume=resume,
-              init_from=init_from, console=console, log=Log(console))
+    loaded = load_recipe(recipe, overrides) if recipe is not None else recipe_of_run(Path(resume), overrides)
+    job = Job(loaded, origin=origin, argv=argv, overwrite=overwrite, resume=resume, init_from=init_from,
+              console=console, log=Log(console))
     try:
         resolve_compute(job)
         apply_speedups(job, "start")
         read_data(job)        # read and checked before anything is written or loaded
+        check_run_dir(job)    # refusals before the model loads; the directory locked until the run ends
         build_model(job)      # also before anything is written: a wrong model costs nothing
         apply_speedups(job, "model")
         open_run_dir(job)
@@ -73,8 +83,9 @@ def finetune(recipe: Recipe | dict | str | Path, *, overrides: list[str] | None 
             train_s = train(job)
             finish(job)
             record_completion(job, train_s)
+        drop_resumable(job)   # after "completed": a kill in between leaves a complete run
     finally:
-        job.close()           # every speed-up undone: threads, patched forwards, denormals
+        job.close()           # every speed-up undone (threads, patched forwards, denormals); the lock released
     if job.recipe.output.report:
         write_report(job.run.path, job.log)
     return RunResult(path=job.run.path, metrics=job.final, recipe=job.recipe, history=job.state.evals)
@@ -91,7 +102,7 @@ def train(job) -> float:
         if state.last_checkpoint_step != state.step:
             trainer.save_resumable()
         job.run.update_manifest(status="interrupted", steps=state.step)
-        command = f"tuneforge train {job.origin or 'RECIPE'} --resume {job.run.path}"
+        command = f"tuneforge train --resume {job.run.path}"
         raise RunInterrupted(f"interrupted at step {state.step}; checkpoint saved in {job.run.checkpoints}; "
                              f"continue with: {command}")
     if state.stop_reason:
@@ -108,8 +119,29 @@ def guarded(job):
     except RunInterrupted:
         raise
     except BaseException as err:
+        from ..engine.checkpoint import is_disk_full
+
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        job.run.update_manifest(status=status, error=f"{type(err).__name__}: {err}")
+        full = is_disk_full(err)
+        try:  # whatever failed left nothing half-written behind (checkpoints clean up), so this fits
+            job.run.update_manifest(status=status, error=f"{'disk full: ' if full else ''}{type(err).__name__}: "
+                                                         f"{str(err)[:500]}")
+        except OSError as record_err:
+            job.log(f"[yellow]warning: could not record the failure in {job.run.path / 'manifest.json'} "
+                    f"({record_err.strerror or record_err})[/]")
+        if full:
+            from ..engine.checkpoint import CheckpointWriteError
+
+            free = shutil.disk_usage(job.run.path).free >> 20
+            last = job.trainer.state.last_checkpoint_step if job.trainer else None
+            what = (f"checkpoint '{err.name}'" if isinstance(err, CheckpointWriteError) else
+                    f"'{Path(err.filename).name}'" if getattr(err, "filename", None) else "its files")
+            raise TuneforgeError(
+                f"disk full while writing {what} of {job.run.path} (No space left on device; {free} MB free there); "
+                "nothing half-written was left behind and the checkpoints before it are intact — free disk space (or "
+                "move output.dir to a larger disk), then "
+                + (f"continue from step {last} with `tuneforge train --resume {job.run.path}`" if last
+                   else "train again with --overwrite")) from None
         if _out_of_memory(err):
             last = job.trainer.state.last_checkpoint_step if job.trainer else None
             raise TuneforgeError(

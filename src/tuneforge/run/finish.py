@@ -9,11 +9,11 @@ from pathlib import Path
 
 def finish(job) -> None:
     """Best weights -> final evaluation -> saved model; ``job.final`` holds what eval.json does."""
-    from ..engine.checkpoint import load_checkpoint_weights
+    from ..engine.checkpoint import load_best_weights
     from .artifact import save_model
 
     recipe, trainer, run, log = job.recipe, job.trainer, job.run, job.log
-    best = load_checkpoint_weights(run.checkpoints / "best", job.model)
+    best = load_best_weights(run.checkpoints, job.model, report=log)  # its sha256 checked first
     final = job.final = {"best_step": best["step"], "metric_for_best": recipe.train.metric_for_best,
                          "validation": trainer.evaluate(job.loaders["validation"], "validation")}
     if "test" in job.loaders:
@@ -87,6 +87,25 @@ def record_completion(job, train_s: float) -> None:
                             task_settings=job.task.settings(), model_info=info_json(job.loaded.info),
                             skipped_nonfinite=state.skipped_nonfinite, parameters=parameter_summary(job.model),
                             speedups=job.speedups)
+
+
+def drop_resumable(job) -> None:
+    """A completed run keeps ``best`` (the weights of its model) but not the periodic checkpoints
+    with their optimizer state (twice the trainable weights, per checkpoint), unless
+    ``output.keep_resumable``: there is nothing left to resume."""
+    import shutil
+
+    run = job.run
+    if job.recipe.output.keep_resumable or not run.checkpoints.is_dir():
+        return
+    stale = sorted(run.checkpoints.glob("step-*"))
+    size = sum(f.stat().st_size for d in stale for f in d.rglob("*") if f.is_file())
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        job.log(f"dropped {len(stale)} resumable checkpoint(s) ({size / 2**20:.0f} MB): the run is complete "
+                "(output.keep_resumable: true keeps them)")
+    run.update_manifest(resumable=False)
 
 
 def write_report(path: Path, log) -> None:

@@ -5,8 +5,9 @@ the stages in ``run/build.py`` and ``run/finish.py`` are plain functions over it
 filling the fields it is responsible for, in the order ``run/finetune.py`` calls them:
 
     read_data        task, splits, skipped, rows, labels, fingerprints
+    check_run_dir    run (chosen, checked and locked; nothing written yet), checkpoint (a resume's)
     build_model      loaded, model, strategy, decision   (nothing written yet)
-    open_run_dir     run (new, or the one being resumed), checkpoint
+    open_run_dir     the run directory made ready: a new run's recipe and manifest, or the resumed run's
     build_data       datasets, loaders (speed-ups may replace them: caches)
     build_trainer    trainer (complete: optimizer, schedule, callbacks)
     train            state (the loop's result)
@@ -65,7 +66,7 @@ class Job:
     strategy: Any = None                     # the concrete Strategy (auto: the one it chose)
     decision: dict | None = None             # auto's decision, for the manifest
     # -- the run directory
-    run: Any = None                          # RunDir
+    run: Any = None                          # RunDir (with its lock from check_run_dir on)
     checkpoint: Path | None = None           # the checkpoint a resumed run continues from
     # -- batches and training
     datasets: dict = field(default_factory=dict)  # split -> Dataset

@@ -6,15 +6,27 @@
     <run>/checkpoints/    best (and periodic) checkpoints
     <run>/model/          the final model, label map and preprocessing
     <run>/eval.json       final metrics (validation, test)
+    <run>/.lock           while a process trains in it: that process's pid, host and command
+
+One process at a time: a run directory is locked (:class:`RunLock`) from the moment a run
+or a resume chooses it until that process ends, however it ends. ``--overwrite`` never
+deletes a run before its replacement is worth something: the old run's files are set aside
+in ``<run>.previous`` and dropped when the new run writes its first checkpoint (put back if
+it fails before that; a run killed before that leaves both, and says so on the next look).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import platform
 import re
+import shutil
+import socket
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -40,30 +52,345 @@ def default_run_dir(recipe, origin: str | None) -> Path:
     return Path("runs") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{stamp}"
 
 
-def prepare_run_dir(path: Path, overwrite: bool) -> Path:
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        if (path / RUN_MARKER).exists() and not overwrite:
-            raise TuneforgeError(
-                f"output directory '{path}' already holds a run; choose another output.dir, "
-                "or pass --overwrite to replace it"
-            )
-        if not (path / RUN_MARKER).exists() and not overwrite:
-            raise TuneforgeError(
-                f"output directory '{path}' is not empty and is not a tuneforge run; "
-                "choose an empty or new output.dir (or pass --overwrite)"
-            )
-        # --overwrite replaces the old run's artefacts (never unknown files), so no stale
-        # checkpoint or model can be mistaken for this run's.
-        import shutil
+LOCK = ".lock"
+PREVIOUS_MARK = ".tuneforge-previous"  # inside <run>.previous: whose files these are, and whether all moved
+INTERRUPTED = "interrupted (process gone)"
+# What a run writes, so what --overwrite replaces; any other file in the directory is the user's and stays.
+RUN_FILES = ("config.yaml", RUN_MARKER, "metrics.jsonl", "eval.json", "report.html", "retain_reference.pt",
+             "reproduction.json")
+RUN_DIRS = ("checkpoints", "model", "report")
 
-        for name in ("config.yaml", RUN_MARKER, "metrics.jsonl", "eval.json", "report.html", "retain_reference.pt",
-                     "reproduction.json"):
-            (path / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "model", "report"):
-            shutil.rmtree(path / name, ignore_errors=True)
+
+# --------------------------------------------------------------------------- one process per run directory
+
+class RunBusy(TuneforgeError):
+    """Another process holds the run directory's lock."""
+
+
+def _key(path) -> str:
+    return os.path.realpath(path)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, ValueError, TypeError, OverflowError):
+        return True  # it exists but is not ours, or it cannot be checked: assume it runs
+    return True
+
+
+def _record(fd: int) -> dict:
+    try:
+        data = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def describe_holder(holder: dict) -> str:
+    text = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+    if holder.get("since"):
+        text += f" since {holder['since']}"
+    return text + (f": {holder['command']}" if holder.get("command") else "")
+
+
+def _try_lock(fd: int) -> OSError | None:
+    """Lock ``fd``, or the error (with ``.holder``: what the holder wrote). Tried for up to half
+    a second: another process may hold it only for a moment (a look by :func:`lock_holder`), and
+    one that has just taken it writes its record right after."""
+    for attempt in range(50):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN) or attempt == 49:
+                err.holder = _record(fd)
+                return err
+            time.sleep(0.01)
+    return None  # not reached
+
+
+class RunLock:
+    """The exclusive lock of one run directory, held by the process that trains in it until it ends.
+
+    ``<run>/.lock`` is locked with ``fcntl.lockf`` (a POSIX record lock) and holds the holder's
+    pid, host, start time and command. POSIX locks belong to a process: the kernel drops them
+    when it dies, however it dies (SIGKILL included), so a lock file a dead process left behind
+    is stale by construction and the next run simply takes it over (``stale`` keeps what it
+    said); and forked children (data-loader workers) do not inherit them, so a dead trainer's
+    orphaned workers cannot keep its run locked (``flock`` locks would be inherited). The price:
+    locks of one process never exclude each other, and closing *any* descriptor of the file
+    drops the lock — so the process keeps a registry of the directories it holds, refuses a
+    second holder itself, and never opens a lock file it holds a second time.
+    """
+
+    _held: dict[str, RunLock] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = self.path / LOCK
+        self.fd: int | None = None
+        self.created = False   # the directory was made for the lock: removed again if nothing else lands in it
+        self.record: dict = {}
+        self.stale: dict = {}  # what the lock file of a dead holder said
+
+    def acquire(self, purpose: str = "train") -> RunLock:
+        key = _key(self.path)
+        with RunLock._guard:
+            mine = RunLock._held.get(key)
+            if mine is not None:
+                raise RunBusy(f"{self.path} is in use by another run of this process ({describe_holder(mine.record)}); "
+                              "a run directory takes one run at a time — choose another output.dir")
+            if self.path.exists() and not self.path.is_dir():
+                raise TuneforgeError(f"output directory '{self.path}' is a file; set output.dir to a directory")
+            self.created = not self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+                err = _try_lock(fd)
+                if err is not None:
+                    os.close(fd)
+                    self._remove_if_made()
+                    if err.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise TuneforgeError(f"cannot lock {self.file} ({err.strerror}); this filesystem does not "
+                                             "support file locks — put output.dir on a local disk") from None
+                    raise RunBusy(self._busy(err.holder, purpose)) from None
+                try:  # a holder releasing it may have unlinked the file between our open and our lock
+                    same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+            self.stale = _record(fd)
+            self.record = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+                           "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "command": " ".join(sys.argv)[:300]}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(self.record).encode(), 0)
+            self.fd = fd
+            RunLock._held[key] = self
+        return self
+
+    def _busy(self, holder: dict, purpose: str) -> str:
+        who = describe_holder(holder) if holder else "a process starting right now"
+        gone = bool(holder) and holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"))
+        note = (f"; that pid no longer runs on this host, so a process in another container holds it — if none "
+                f"uses {self.path}, delete {self.file}" if gone else "")
+        fix = (f"wait for it to end (or stop it), then `tuneforge train --resume {self.path}`" if purpose == "resume"
+               else "wait for it to end (or stop it), or choose another output.dir")
+        return f"{self.path} is in use by another tuneforge process ({who}){note}; {fix}"
+
+    def release(self) -> None:
+        with RunLock._guard:
+            if self.fd is None:
+                return
+            try:  # unlinked while still held: whoever opened it meanwhile sees another inode and retries
+                if os.stat(self.file).st_ino == os.fstat(self.fd).st_ino:
+                    os.unlink(self.file)
+            except OSError:
+                pass
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+                RunLock._held.pop(_key(self.path), None)
+                self._remove_if_made()
+
+    def _remove_if_made(self) -> None:
+        if self.created:
+            self.created = False
+            try:
+                self.path.rmdir()  # only when empty: a refused or failed start leaves nothing behind
+            except OSError:
+                pass
+
+
+def lock_holder(path) -> dict | None:
+    """What the process holding ``path``'s lock wrote, or None when no process holds it."""
+    path = Path(path)
+    with RunLock._guard:
+        mine = RunLock._held.get(_key(path))
+        if mine is not None:
+            return mine.record
+        try:
+            fd = os.open(path / LOCK, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        except OSError:  # not writable (a read-only copy): judge by the pid
+            try:
+                holder = json.loads((path / LOCK).read_text())
+            except (OSError, ValueError):
+                return None
+            here = holder.get("host") == socket.gethostname()
+            return holder if not here or _alive(holder.get("pid")) else None
+        try:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return _record(fd) or {"pid": "?", "host": "?"}
+            fcntl.lockf(fd, fcntl.LOCK_UN)  # it was free
+            return None
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- reading a run
+
+def read_manifest(path) -> dict:
+    """``<run>/manifest.json``; a missing or damaged one is an error that says what to do."""
+    file = Path(path) / RUN_MARKER
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TuneforgeError(f"{path} is not a tuneforge run directory (no {RUN_MARKER}); pass the directory "
+                             "printed by `tuneforge train`") from None
+    except (OSError, ValueError) as err:
+        raise TuneforgeError(f"{file} is damaged ({type(err).__name__}: {str(err)[:120]}); restore it from a copy "
+                             f"of the run — or train again with --overwrite (its model, if saved, is in "
+                             f"{Path(path) / 'model'})") from None
+    if not isinstance(data, dict):
+        raise TuneforgeError(f"{file} is damaged (not a JSON object); restore it from a copy of the run")
+    return data
+
+
+def run_status(path, manifest: dict | None = None) -> str:
+    """The manifest's status, except that a run whose process is gone says so: a run killed
+    outright (SIGKILL, a power cut) never got to record how it ended."""
+    manifest = read_manifest(path) if manifest is None else manifest
+    status = str(manifest.get("status") or "unknown")
+    if status == "running" and manifest.get("pid") is not None and lock_holder(path) is None:
+        return INTERRUPTED
+    return status
+
+
+def enclosing_run(path) -> Path | None:
+    """The run directory that is ``path`` or holds it (symlinks followed), if any."""
+    here = Path(os.path.realpath(path))
+    for directory in (here, *here.parents):
+        if (directory / RUN_MARKER).is_file():
+            return directory
+    return None
+
+
+# --------------------------------------------------------------------------- a new run's directory
+
+def previous_of(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".previous")
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse an output directory that a new run may not use. Reads only: it runs before the
+    model loads, and again under the directory's lock (two runs started at the same instant)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TuneforgeError(f"output directory '{path}' is a file; set output.dir to a directory")
+    owner = enclosing_run(Path(os.path.realpath(path)).parent)
+    if owner is not None:
+        raise TuneforgeError(f"output directory '{path}' is inside the run {owner}; a run directory holds one run "
+                             "— choose an output.dir outside it")
+    if not (path.is_dir() and any(p.name != LOCK for p in path.iterdir())):
+        return
+    if (path / RUN_MARKER).exists():
+        if not overwrite:
+            try:
+                status = run_status(path)
+            except TuneforgeError:
+                status = "its manifest.json is damaged"
+            resume = (f"; or continue it with `tuneforge train --resume {path}`"
+                      if status in ("interrupted", INTERRUPTED, "failed") else "")
+            raise TuneforgeError(f"output directory '{path}' already holds a run ({status}); choose another "
+                                 f"output.dir, or pass --overwrite to replace it{resume}")
+    elif not overwrite:
+        raise TuneforgeError(f"output directory '{path}' is not empty and is not a tuneforge run; "
+                             "choose an empty or new output.dir (or pass --overwrite)")
+    backup = previous_of(path)
+    if backup.exists() and not (backup / PREVIOUS_MARK).is_file():
+        raise TuneforgeError(f"--overwrite sets the old run aside in {backup} until the new one has a checkpoint, "
+                             f"but {backup} exists and is not such a copy; move it away first")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _has_checkpoint(path: Path) -> bool:
+    checkpoints = Path(path) / "checkpoints"
+    return checkpoints.is_dir() and any(p.name == "best" or p.name.startswith("step-") for p in checkpoints.iterdir())
+
+
+def prepare_run_dir(path: Path, overwrite: bool, log=None) -> Path:
+    """Make ``path`` (whose lock this process holds) ready for a new run. With ``--overwrite``
+    the old run's files are moved into ``<run>.previous`` (:func:`previous_of`) rather than
+    deleted; files that are not a run's stay where they are."""
+    path = Path(path)
+    check_output_dir(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
+    found = [n for n in (*RUN_FILES, *RUN_DIRS) if (path / n).exists() or (path / n).is_symlink()]
+    if not found:
+        return path
+    log = log or (lambda message: None)
+    backup, mark = previous_of(path), previous_of(path) / PREVIOUS_MARK
+    if backup.exists():
+        state = json.loads(mark.read_text() or "{}")
+        if state.get("complete") and not _has_checkpoint(path):
+            # the replacement of an earlier --overwrite, killed before its first checkpoint: worth nothing
+            for name in found:
+                _remove(path / name)
+            log(f"--overwrite: removed an unfinished run without a checkpoint; the run before it stays in {backup} "
+                "until this one writes its first checkpoint")
+            return path
+        if state.get("complete"):
+            shutil.rmtree(backup)  # the run here got further than the copy: it is the one to keep
+    if not backup.exists():
+        backup.mkdir()
+        mark.write_text(json.dumps({"of": str(path), "complete": False}))
+    for name in found:  # an incomplete copy (a move killed half way) is completed first
+        if not (backup / name).exists():
+            (path / name).rename(backup / name)
+        else:
+            _remove(path / name)
+    mark.write_text(json.dumps({"of": str(path), "complete": True,
+                                "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
+    log(f"--overwrite: the old run is set aside in {backup} until this run writes its first checkpoint")
     return path
+
+
+def drop_previous(path: Path, backup: Path | None) -> bool:
+    """Delete the run --overwrite set aside once the new run in ``path`` has a checkpoint."""
+    if backup is not None and backup.exists() and _has_checkpoint(path):
+        shutil.rmtree(backup, ignore_errors=True)
+        return True
+    return False
+
+
+def settle_previous(path: Path, backup: Path | None, log=None) -> None:
+    """The run --overwrite set aside goes once the new run has a checkpoint; before that, if the
+    new run ends (fails, stops), the old one comes back."""
+    if backup is None or not backup.exists():
+        return
+    log = log or (lambda message: None)
+    if drop_previous(path, backup):
+        return
+    for name in (*RUN_FILES, *RUN_DIRS):
+        if (path / name).exists() or (path / name).is_symlink():
+            _remove(path / name)
+    for item in backup.iterdir():
+        if item.name != PREVIOUS_MARK:
+            item.rename(path / item.name)
+    shutil.rmtree(backup, ignore_errors=True)
+    log(f"the run that --overwrite would have replaced is back in {path} (this run ended before its first checkpoint)")
+
+def process_record() -> dict:
+    """Who writes the run now: with the lock, how a later look tells a live run from a killed one."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
 def package_versions() -> dict:
@@ -92,6 +419,8 @@ class RunDir:
         self.path = Path(path)
         self.started = time.time()
         self.manifest: dict = {}
+        self.lock: RunLock | None = None   # held from the stage that chose this directory to the run's end
+        self.previous: Path | None = None  # the run --overwrite set aside, until this one has a checkpoint
 
     @property
     def metrics_path(self) -> Path:
@@ -109,8 +438,12 @@ class RunDir:
         if not is_main_process():
             return
         tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        tmp.replace(self.path / name)  # atomic: readers never see half a file
+        try:
+            tmp.write_text(json.dumps(data, indent=2, default=str))
+            tmp.replace(self.path / name)  # atomic: readers never see half a file
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk keeps no half-written copy
+            raise
 
     def write_recipe(self, recipe) -> None:
         if is_main_process():
@@ -123,6 +456,7 @@ class RunDir:
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": argv if argv is not None else sys.argv,
             "cwd": os.getcwd(),
+            **process_record(),
             "seed": recipe.train.seed,
             "precision": precision,
             "packages": package_versions(),
@@ -132,7 +466,7 @@ class RunDir:
         self.write_json(RUN_MARKER, self.manifest)
 
     def load_manifest(self) -> dict:
-        self.manifest = json.loads((self.path / RUN_MARKER).read_text())
+        self.manifest = read_manifest(self.path)
         return self.manifest
 
     def update_manifest(self, **fields) -> None:

@@ -5,7 +5,7 @@ split into K stratified folds (``StratifiedGroupKFold`` when a group column is
 given, so no group straddles train and validation), and each fold is written as a
 pair of JSONL files and trained as an ordinary run of its own:
 
-    <cv dir>/folds/fold-k/{train,validation}.jsonl   the exact examples of fold k
+    <cv dir>/folds/fold-k/{train,validation}.jsonl   the exact examples of fold k (k = 1..K)
     <cv dir>/fold-k/                                 a complete run directory
     <cv dir>/cv.json                                 per-fold metrics and mean ± std
     <cv dir>/report.html                             the folds side by side
@@ -140,14 +140,14 @@ def cross_validate(recipe_source, *, folds: int, group_column: str | None = None
         raise TuneforgeError(f"cross-validation directory '{root}' is not empty; choose another --output")
     base = recipe.dump()
     results = []
-    for k, val_idx in enumerate(fold_val):
+    for k, val_idx in enumerate(fold_val, start=1):  # one numbering, from 1: "fold 2/3" is fold-2/
         held = set(val_idx)
         train = [r for i, r in enumerate(records) if i not in held]
         val = [records[i] for i in val_idx]
         files = root / "folds" / f"fold-{k}"
         _write_jsonl(files / "train.jsonl", train, task.modality)
         _write_jsonl(files / "validation.jsonl", val, task.modality)
-        log(f"[bold]fold {k + 1}/{folds}[/]: train {len(train)}, validation {len(val)}"
+        log(f"[bold]fold {k}/{folds}[/]: train {len(train)}, validation {len(val)}"
             + (f" ({len({groups[i] for i in val_idx})} groups held out)" if groups else ""))
         run = finetune(_fold_recipe(base, files / "train.jsonl", files / "validation.jsonl", root / f"fold-{k}",
                                     recipe.data.id_column), console=console)

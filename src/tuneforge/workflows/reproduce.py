@@ -33,14 +33,21 @@ def _load(run_dir: Path) -> tuple[dict, dict, dict]:
     for name in ("manifest.json", "config.yaml", "eval.json"):
         if not (run_dir / name).is_file():
             raise TuneforgeError(f"{run_dir} has no {name}: reproduce needs a completed tuneforge run directory")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    from ..run.rundir import read_manifest
+
+    manifest = read_manifest(run_dir)  # a damaged one is an error that says so, not a JSONDecodeError
     if "reproducibility" not in manifest:
         raise TuneforgeError(f"{run_dir} was made by an older tuneforge without a reproducibility record; "
                              f"run its config.yaml again with `tuneforge train {run_dir}/config.yaml`")
     from ..recipe import run_config_data  # a run from before tasks owned their options saved them all
 
-    config = run_config_data(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    return manifest, config, json.loads((run_dir / "eval.json").read_text())
+    try:
+        config = run_config_data(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        final = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise TuneforgeError(f"{run_dir}: config.yaml or eval.json is damaged ({type(err).__name__}); restore it "
+                             "from a copy of the run") from None
+    return manifest, config, final
 
 
 def _absolute(config: dict, manifest: dict) -> dict:

@@ -7,11 +7,16 @@ inputs when that data is gone — and its logits are compared with the original 
 The maximum absolute difference and the agreement of predicted labels are printed and
 written to ``export.json``; a failed check is an error and leaves no half-made export
 behind (the files are written into a temporary folder and renamed at the end).
+
+An export never lands on something else: ``--out`` may not be a run directory, lie inside
+one, or hold the run being exported, and an existing non-empty ``--out`` is replaced only
+when it is an earlier export (it holds ``export.json``) and ``--overwrite`` is given.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import tempfile
 import time
@@ -23,6 +28,32 @@ from ...errors import TuneforgeError
 
 # format -> the module of this package that writes it (each defines ``export(...) -> report``)
 FORMATS = {"onnx": "onnx", "safetensors": "safetensors", "hf": "hf"}
+
+
+def check_target(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` whose replacement would destroy something that is not an export."""
+    from ...run.rundir import enclosing_run
+    from .common import MARKER
+
+    instead = Path(os.path.realpath(run_dir)).parent / f"{Path(os.path.realpath(run_dir)).name}-export"
+    run = enclosing_run(out)
+    if run is not None:
+        raise TuneforgeError(f"--out {out} is the run directory {run} or lies inside it; an export never goes into a "
+                             f"run — choose a directory outside it, e.g. --out {instead}")
+    source = Path(os.path.realpath(run_dir))
+    if source == Path(os.path.realpath(out)) or Path(os.path.realpath(out)) in source.parents:
+        raise TuneforgeError(f"--out {out} holds the run being exported ({run_dir}); choose a new directory, e.g. "
+                             f"--out {instead}")
+    if out.exists() and not out.is_dir():
+        raise TuneforgeError(f"--out {out} is a file; give a directory to write the export into")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise TuneforgeError(f"{out} exists, is not empty and is not an earlier export (it has no {MARKER}): "
+                                 "tuneforge replaces only its own exports, even with --overwrite — choose a new or "
+                                 "empty --out")
+        if not overwrite:
+            raise TuneforgeError(f"{out} holds an earlier export; choose another --out or pass --overwrite to "
+                                 "replace it")
 
 
 def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: int = 16, overwrite: bool = False,
@@ -38,8 +69,7 @@ def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: 
         raise TuneforgeError(f"--quantize {quantize}: only int8 is supported")
     if quantize and fmt != "onnx":
         raise TuneforgeError("--quantize int8 is dynamic int8 quantization of an ONNX graph; use it with --format onnx")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise TuneforgeError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    check_target(run_dir, out, overwrite)  # before the model loads
     model, task, labels, meta = load_model_dir(run_dir)
     if task.needs_lm_head and not task.generative:  # label-words: the LM itself scores the labels
         raise TuneforgeError(

@@ -74,11 +74,19 @@ def plain_model(model: nn.Module, meta: dict) -> nn.Module:
 
 
 def publish(tmp: Path, out: Path, report: dict) -> None:
-    """Write the report next to the checked export, then move the whole directory into place."""
+    """Write the report next to the checked export, then move the whole directory into place.
+    Only an earlier export (it holds ``MARKER``) or an empty directory is ever replaced."""
     (tmp / MARKER).write_text(json.dumps(report, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file()):
+            raise TuneforgeError(f"{out} is not an earlier export (no {MARKER}); it was left as it is")
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)  # the earlier export goes only once the new one is in place
+        tmp.replace(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     tmp.replace(out)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.callbacks import Callback
+from ..engine.callbacks import CHECKPOINT, Callback
 from ..errors import TuneforgeError
 
 
@@ -310,7 +310,7 @@ def build_trainer(job) -> None:
     if cfg.progress:
         callbacks.append(RichProgress(job.console))
     if run.previous is not None:
-        callbacks.append(_DropPrevious(run))  # last: sees the checkpoints this step wrote
+        callbacks.append(_DropPrevious(run))  # sees the checkpoints this step wrote (its order)
     if recipe.retain.data:
         callbacks.append(_retain_monitor(job))
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, cfg.warmup,
@@ -332,6 +332,8 @@ def build_trainer(job) -> None:
 
 class _DropPrevious(Callback):
     """--overwrite: the run set aside goes as soon as this one has written its first checkpoint."""
+
+    order = CHECKPOINT + 1  # after the resumable checkpoint of the same step is written
 
     def __init__(self, run):
         self.run = run

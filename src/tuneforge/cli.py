@@ -403,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-text-chars", type=int, default=10_000)
     sv.add_argument("--max-body-mb", type=int, default=8, help="request body limit, checked before reading it")
     sv.add_argument("--api-key-file", default=None,
-                    help="file with one API key per line (also: TUNEFORGE_API_KEYS=key1,key2); none = no auth")
+                    help="file with one API key per line, # comments allowed (also: TUNEFORGE_API_KEYS=key1,key2); "
+                         "a file without keys is an error; neither given = no authentication (printed at start)")
     sv.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
                     help="serve another LoRA run of the same base too, chosen per request with \"adapter\": NAME "
                          "(one base model in memory)")

@@ -1,6 +1,7 @@
 """Issue 22's findings against `tuneforge serve`, one test each: a bad request fails alone (also
-inside a micro-batch), malformed bodies are 4xx that say what to send and are counted, and
-/metrics is labelled by route."""
+inside a micro-batch), malformed bodies are 4xx that say what to send and are counted, a key
+source without keys is an error, `Bearer` is case-insensitive, /metrics is labelled by route,
+and /docs needs no CDN."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from helpers import text_recipe, write_text_csv
-from tuneforge import finetune, load
+from tuneforge import TuneforgeError, finetune, load
+from tuneforge.cli import main
 from tuneforge.deploy import predictor as predictor_module
-from tuneforge.deploy.serve import ServeConfig, create_app
+from tuneforge.deploy.serve import ServeConfig, create_app, load_api_keys
 
 GOOD = ["good fun film", "bad", "a dull and bad and boring long film", "good good good", "film", "bad acting"]
 POISON = "awful"  # in the tiny vocabulary: a model wrapper below raises on its token id
@@ -159,6 +161,55 @@ def test_a_server_error_is_counted_and_says_where_to_look(text_run, poisoned_mod
     assert 'tuneforge_errors_total{reason="internal"} 1.0' in metrics
 
 
+@pytest.mark.parametrize("content", ["# keys go here\n\n", "# keys go here\n   # an indented comment\n", ""])
+def test_a_key_file_without_keys_is_an_error(tmp_path, content):
+    f = tmp_path / "keys.txt"
+    f.write_text(content)
+    with pytest.raises(TuneforgeError, match="holds no keys"):
+        load_api_keys(file=str(f))
+    f.write_text("# a comment\n  s3cret  \n\n   # indented comment\nother\n")
+    assert load_api_keys(file=str(f)) == ["s3cret", "other"]
+
+
+def test_serve_command_key_errors_and_startup_lines(text_run, tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw))
+    monkeypatch.delenv("TUNEFORGE_API_KEYS", raising=False)
+    empty = tmp_path / "keys.txt"
+    empty.write_text("# only a comment\n")
+    assert main(["serve", str(text_run), "--api-key-file", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no keys" in err and "Traceback" not in err
+    assert main(["serve", str(text_run), "--api-key-file", str(tmp_path / "missing.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    assert not started  # neither started a server
+
+    assert main(["serve", str(text_run)]) == 0
+    assert "authentication: off" in capsys.readouterr().err
+    monkeypatch.setenv("TUNEFORGE_API_KEYS", "k1")
+    assert main(["serve", str(text_run)]) == 0
+    err = capsys.readouterr().err
+    assert "authentication: on (1 API key" in err and "/openapi.json" in err
+    monkeypatch.setenv("TUNEFORGE_API_KEYS", " , ")
+    assert main(["serve", str(text_run)]) == 2
+    assert "holds no key" in capsys.readouterr().err
+    assert len(started) == 2
+
+
+def test_bearer_scheme_in_any_case_and_a_bare_key_refused(text_run):
+    with TestClient(create_app(text_run, ServeConfig(api_keys=["s3cret"]))) as client:
+        for header in ("Bearer s3cret", "bearer s3cret", "BEARER  s3cret"):
+            assert client.get("/v1/model", headers={"Authorization": header}).status_code == 200, header
+        r = client.get("/v1/model", headers={"Authorization": "s3cret"})  # the key without its scheme
+        assert r.status_code == 401 and "Bearer scheme" in r.json()["detail"]
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/model", headers={"Authorization": "Basic s3cret"}).status_code == 401
+        assert client.get("/v1/model", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
 def test_metrics_are_labelled_by_route_not_by_path(text_run):
     # the issue: 2,000 random paths grew /metrics from 12 KB to 3.6 MB, unauthenticated ones too
     with TestClient(create_app(text_run, ServeConfig(api_keys=["k"]))) as client:
@@ -177,3 +228,11 @@ def test_metrics_are_labelled_by_route_not_by_path(text_run):
     assert 'tuneforge_requests_total{endpoint="unmatched",status="404"} 150.0' in metrics
     assert 'tuneforge_requests_total{endpoint="/v1/predict",status="405"} 1.0' in metrics
     assert len(metrics) - before < 4000  # a few new series, not one per path
+
+
+def test_docs_page_works_offline(text_run):
+    with TestClient(create_app(text_run)) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and "/openapi.json" in page.text
+        assert "http://" not in page.text and "https://" not in page.text and "<script" not in page.text
+        assert client.get("/openapi.json").json()["paths"].keys() >= {"/v1/predict", "/v1/model"}

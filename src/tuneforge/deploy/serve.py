@@ -12,8 +12,10 @@ encoding, image size and decodability, each with a 4xx that names the limit or t
 (docs/serving.md has the table).
 
 Endpoints: ``POST /v1/predict``, ``GET /v1/model``, ``GET /health``, ``GET /metrics``
-(Prometheus text format, labelled by route, never by the raw path) and the OpenAPI docs at
-``/docs``.
+(Prometheus text format, labelled by route, never by the raw path) and the OpenAPI schema at
+``/openapi.json``. ``/docs`` is a plain page pointing at the schema: FastAPI's Swagger UI loads
+its scripts from a CDN, which is blank on a machine without internet, and no installed package
+ships them.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request is
@@ -23,6 +25,7 @@ import base64
 import hmac
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +49,43 @@ class ServeConfig:
 
 
 def load_api_keys(env: str = "TUNEFORGE_API_KEYS", file: str | None = None) -> list[str]:
-    """Keys from a comma-separated environment variable and/or a file with one key per line."""
-    keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
+    """Keys from a comma-separated environment variable and/or a file with one key per line
+    (blank lines and lines starting with ``#`` are skipped).
+
+    A key source that was given but holds no key is an error, never "no authentication": a
+    file of comments only (or an emptied one) would otherwise open the server to everyone."""
+    value = os.environ.get(env, "")
+    keys = [k.strip() for k in value.split(",") if k.strip()]
+    if value.strip() and not keys:
+        raise TuneforgeError(f"{env} is set but holds no key ({value!r}); give keys as {env}=key1,key2, "
+                             f"or unset it to serve without authentication")
     if file:
-        keys += [line.strip() for line in Path(file).read_text().splitlines() if line.strip() and not line.startswith("#")]
+        path = Path(file)
+        if not path.is_file():
+            raise TuneforgeError(f"--api-key-file {file} does not exist; write one key per line into it, or leave "
+                                 "the option out to serve without authentication")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        found = [line for line in lines if line and not line.startswith("#")]
+        if not found:
+            raise TuneforgeError(f"--api-key-file {file} holds no keys (only blank lines and # comments); put one "
+                                 "key per line, or leave the option out to serve without authentication")
+        keys += found
     return keys
+
+
+def _key_of(headers) -> tuple[str | None, str]:
+    """(the key a request presents, or None; why it presents none). ``X-API-Key: KEY`` or
+    ``Authorization: Bearer KEY``, the scheme in any case (RFC 7235 §2.1); a bare key in
+    Authorization, without the scheme, is refused with a message saying so."""
+    if "x-api-key" in headers:
+        return headers["x-api-key"], ""
+    auth = headers.get("authorization")
+    if auth is None:
+        return None, "missing API key"
+    scheme, _, credentials = auth.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None, "the Authorization header needs the Bearer scheme ('Authorization: Bearer KEY')"
+    return credentials.strip(), ""
 
 
 def _printable(text: str) -> str:
@@ -73,10 +108,25 @@ def _json_type(value) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+DOCS_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title} API</title></head>
+<body style="font-family: sans-serif; max-width: 46em; margin: 2em auto">
+<h1>{title}</h1><p>{description}</p>
+<p>The OpenAPI schema of this server is at <a href="{openapi}"><code>{openapi}</code></a>: open it in any
+OpenAPI viewer or client generator.</p>
+<p>There is no interactive Swagger UI here: it loads its scripts and styles from a CDN, which leaves the
+page blank on a machine without internet, and tuneforge downloads nothing at run time.</p>
+<ul>
+<li><code>POST /v1/predict</code> &mdash; <code>{{"{field}": [...]}}</code>, optionally <code>"adapter": "NAME"</code></li>
+<li><code>GET /v1/model</code> &mdash; labels, strategy, metrics, batching</li>
+<li><code>GET /health</code>, <code>GET /metrics</code> (Prometheus)</li>
+</ul></body></html>
+"""
+
+
 def create_app(run_dir, cfg: ServeConfig | None = None):
     try:
         from fastapi import FastAPI, HTTPException, Request
-        from fastapi.responses import JSONResponse, PlainTextResponse
+        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
         from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
         from starlette.routing import Match
     except ImportError:
@@ -115,8 +165,9 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
         yield
         await batcher.stop()  # graceful: what is queued is answered before the worker stops
 
+    # docs_url/redoc_url off: both pages load their assets from a CDN (blank offline); /docs below says so
     app = FastAPI(title="tuneforge", description=f"Predictions of the model fine-tuned in {run_dir.name}",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.predictor, app.state.batcher = predictor, batcher
     keys = [k.encode() for k in cfg.api_keys]
     open_paths = ("/health", "/docs", "/openapi.json")
@@ -137,20 +188,20 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
         t0 = time.perf_counter()
         endpoint = route_of(request.scope)
 
-        def answer(status: int, reason: str, detail: str):
+        def answer(status: int, reason: str, detail: str, headers=None):
             metrics["errors"].labels(reason).inc()
             metrics["requests"].labels(endpoint, str(status)).inc()
-            return JSONResponse({"detail": detail}, status_code=status)
+            return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
         if keys and request.url.path not in open_paths:
-            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+            given, why = _key_of(request.headers)
             # constant-time comparison against every key (no early exit that leaks which one matched)
             ok = False
             for k in keys:
-                ok |= hmac.compare_digest(given.encode(), k)
-            if not ok:
-                return answer(401, "auth", "missing or wrong API key (send it as 'Authorization: Bearer KEY' "
-                                           "or 'X-API-Key: KEY')")
+                ok |= hmac.compare_digest((given or "").encode(), k)
+            if not ok or given is None:
+                return answer(401, "auth", f"{why or 'wrong API key'}: send it as 'Authorization: Bearer KEY' "
+                                           "or 'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
             return answer(413, "too_large", f"request body is {int(length):,} bytes; the limit is "
@@ -287,7 +338,25 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
     async def prometheus():
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return HTMLResponse(DOCS_PAGE.format(title=app.title, description=app.description, openapi=app.openapi_url,
+                                             field=field_name))
+
     return app
+
+
+def startup_lines(cfg: ServeConfig, host: str, port: int) -> list[str]:
+    """What `tuneforge serve` prints before it listens: authentication on or off, batching, the schema."""
+    where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    n = len(cfg.api_keys)
+    auth = (f"authentication: on ({n} API key{'s' if n != 1 else ''}; send 'Authorization: Bearer KEY' or "
+            "'X-API-Key: KEY')" if n else
+            "authentication: off (no API keys; set TUNEFORGE_API_KEYS or --api-key-file to require one)")
+    batching = (f"micro-batching: on (up to {cfg.max_batch_size} inputs, waiting up to {cfg.max_wait_ms:g} ms)"
+                if cfg.batching else "micro-batching: off (--no-batching)")
+    return [auth, batching, f"OpenAPI schema: {where}/openapi.json (no Swagger UI: it needs a CDN; {where}/docs "
+                            "says so)", f"predict: POST {where}/v1/predict"]
 
 
 def _load_adapters(predictor, run_dir: Path, adapters: dict[str, str]) -> dict:
@@ -337,7 +406,10 @@ def serve(run_dir, *, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfi
         import uvicorn
     except ImportError:
         raise TuneforgeError("tuneforge serve needs uvicorn: pip install 'tuneforge[serve]'") from None
+    cfg = cfg or ServeConfig()
     app = create_app(run_dir, cfg)
+    for line in startup_lines(cfg, host, port):
+        print(line, file=sys.stderr, flush=True)
     # SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight requests finish (up to 30 s),
     # then the lifespan drains the batcher.
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30, log_level="info")

@@ -84,7 +84,7 @@ def _key_of(headers) -> tuple[str | None, str]:
         return None, "missing API key"
     scheme, _, credentials = auth.strip().partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
-        return None, "the Authorization header needs the Bearer scheme ('Authorization: Bearer KEY')"
+        return None, "the Authorization header needs the Bearer scheme"
     return credentials.strip(), ""
 
 

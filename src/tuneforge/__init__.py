@@ -24,7 +24,8 @@ class Run:
         self.path, self.metrics, self.recipe, self.history = result.path, result.metrics, result.recipe, result.history
         self._predictor = None
 
-    def predict(self, inputs: list) -> list[dict]:
+    def predict(self, inputs):
+        """A list of inputs -> a list of ``{"label", "scores"}``; one input (a string) -> one dict."""
         if self._predictor is None:
             from .deploy.predictor import Predictor
 
@@ -56,8 +57,9 @@ def compare(recipe, strategies, *, overrides=None, output=None, isolate=True, co
 
 
 def load(path, device: str = "cpu"):
-    """Load a run (or its model/ directory) as a Predictor with .predict(inputs); a
-    ``tuneforge cv`` directory loads as the average of its fold models."""
+    """Load a run (or its model/ directory) as a Predictor with .predict(inputs) (a list of inputs
+    -> a list of dicts; a single string -> one dict); a ``tuneforge cv`` directory loads as the
+    average of its fold models."""
     from .deploy.predictor import open_predictor
 
     return open_predictor(path, device=device)

@@ -34,18 +34,36 @@ def cmd_train(args) -> int:
 
 
 def _print_final(metrics: dict) -> None:
+    splits = [s for s in ("validation", "test") if s in metrics]
+    _print_metrics(f"final metrics (best step {metrics.get('best_step')})", {s: metrics[s] for s in splits})
+
+
+def _print_metrics(title: str, columns: dict[str, dict]) -> None:
+    """One row per scalar metric, one column per split (train's and eval's table), on stderr."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"final metrics (best step {metrics.get('best_step')})")
-    splits = [s for s in ("validation", "test") if s in metrics]
+    table = Table(title=title)
     table.add_column("metric")
-    for s in splits:
-        table.add_column(s, justify="right")
-    keys = [k for k, v in metrics[splits[0]].items() if isinstance(v, (int, float)) and k != "eval_seconds"]
+    for name in columns:
+        table.add_column(name, justify="right")
+    first = next(iter(columns.values()))
+    keys = [k for k, v in first.items() if isinstance(v, (int, float)) and k != "eval_seconds"]
     for k in keys:
-        table.add_row(k, *[f"{metrics[s].get(k, float('nan')):.4f}" if isinstance(metrics[s].get(k), float)
-                           else str(metrics[s].get(k)) for s in splits])
+        table.add_row(k, *[f"{m.get(k, float('nan')):.4f}" if isinstance(m.get(k), float)
+                           else str(m.get(k)) for m in columns.values()])
+    Console(stderr=True).print(table)
+
+
+def _print_per_class(title: str, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("label", "precision", "recall", "f1", "support"):
+        table.add_column(name, justify="left" if name == "label" else "right")
+    for r in rows:
+        table.add_row(str(r["label"]), *[f"{r[k]:.4f}" for k in ("precision", "recall", "f1")], str(r["support"]))
     Console(stderr=True).print(table)
 
 
@@ -144,7 +162,17 @@ def cmd_eval(args) -> int:
     from .deploy.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run_dir, args.data, text_column=args.text_column, label_column=args.label_column)
-    print(json.dumps(metrics, indent=2))
+    if args.out == "-":
+        print(json.dumps(metrics, indent=2))
+        return 0
+    _print_metrics(f"metrics on {Path(metrics['data']).name}", {"eval": metrics})
+    if metrics.get("per_class"):
+        _print_per_class("per class", metrics["per_class"])
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        print(args.out)  # like train's run directory: the one thing on stdout is where the details are
+    else:
+        _console().print("every metric as JSON (confusion matrix, calibration, ...): --out FILE")
     return 0
 
 
@@ -336,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="labelled data file or image folder")
     e.add_argument("--text-column", default=None)
     e.add_argument("--label-column", default=None)
+    e.add_argument("--out", default=None, metavar="FILE",
+                   help="write every metric as JSON here (confusion matrix, calibration, per class, most "
+                        "confidently wrong); '-' prints the JSON on stdout instead of the table")
     e.set_defaults(fn=cmd_eval)
 
     pr = sub.add_parser("predict", help="predict with a run's model")
@@ -406,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-text-chars", type=int, default=10_000)
     sv.add_argument("--max-body-mb", type=int, default=8, help="request body limit, checked before reading it")
     sv.add_argument("--api-key-file", default=None,
-                    help="file with one API key per line (also: TUNEFORGE_API_KEYS=key1,key2); none = no auth")
+                    help="file with one API key per line, # comments allowed (also: TUNEFORGE_API_KEYS=key1,key2); "
+                         "a file without keys is an error; neither given = no authentication (printed at start)")
     sv.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
                     help="serve another LoRA run of the same base too, chosen per request with \"adapter\": NAME "
                          "(one base model in memory)")

@@ -28,7 +28,7 @@ def test_models_lists_aliases(capsys):
 def test_eval_on_new_file_streams_metrics(text_run, tmp_path, capsys):
     run, _ = text_run
     held_out = write_text_csv(tmp_path / "new.csv", n=20, seed=7)
-    assert main(["eval", str(run.path), "--data", str(held_out)]) == 0
+    assert main(["eval", str(run.path), "--data", str(held_out), "--out", "-"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["examples"] == 20 and 0.0 <= metrics["accuracy"] <= 1.0
     assert sum(map(sum, metrics["confusion_matrix"])) == 20
@@ -38,8 +38,9 @@ def test_eval_with_renamed_columns(text_run, tmp_path, capsys):
     run, _ = text_run
     f = tmp_path / "dev.tsv"
     f.write_text("label\tcontent\npos\tgood fun\nneg\tawful plot\n")
-    assert main(["eval", str(run.path), "--data", str(f), "--text-column", "content"]) == 0
-    assert json.loads(capsys.readouterr().out)["examples"] == 2
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run.path), "--data", str(f), "--text-column", "content", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["examples"] == 2
 
 
 def test_predict_file_to_jsonl(text_run, tmp_path, capsys):

@@ -28,5 +28,17 @@ def evaluate_run(run_dir, data: str, *, text_column: str | None = None, label_co
     metrics = evaluate_loader(model, task, loader, task.metrics(labels), torch.device("cpu"))
     metrics["data"] = str(data)
     if labels.names:
-        metrics["labels"] = labels.names
+        _labels_as_predict(metrics, labels)
     return metrics
+
+
+def _labels_as_predict(metrics: dict, labels) -> None:
+    """Label names in the user's own type, as `predict` returns them (integers stay integers)."""
+    user = {name: labels.name(i) for i, name in enumerate(labels.names)}
+    metrics["labels"] = list(user.values())
+    for row in metrics.get("per_class", []):
+        row["label"] = user.get(row["label"], row["label"])
+    for row in metrics.get("confidently_wrong", []):
+        for key in ("label", "predicted"):
+            if isinstance(row.get(key), str):  # multi-label rows hold a bool in "predicted"
+                row[key] = user.get(row[key], row[key])

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -29,14 +31,26 @@ class Predictor:
         logits = self.model(**{k: v.to(self.device) for k, v in batch.items()})  # (B, C)
         return self.task.probabilities(logits).cpu()
 
-    def predict_proba(self, inputs: list) -> torch.Tensor:
+    def predict_proba(self, inputs) -> torch.Tensor:
+        """(N, C) probabilities for a list of N inputs; a single input (see :meth:`predict`) is one row."""
+        inputs = _as_list(inputs)[0]
         out = []
         for i in range(0, len(inputs), self.batch_size):
             out.append(self.proba_from_encoded(self.task.encode_inputs(inputs[i:i + self.batch_size])))
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
-    def predict(self, inputs: list) -> list[dict]:
-        return self.format(self.predict_proba(list(inputs)))
+    def predict(self, inputs) -> list[dict] | dict:
+        """Predict labels with their probabilities.
+
+        ``inputs``: a list (or other iterable) of texts, or of images (paths, bytes, PIL images)
+        -> a list with one ``{"label", "scores"}`` dict per input, in order. A single input —
+        one string, path, ``bytes`` or PIL image — -> that one dict, not a list (as Hugging Face
+        pipelines do), so ``predict("a fine film")["label"]`` works; a string is never split
+        into its characters.
+        """
+        items, single = _as_list(inputs)
+        results = self.format(self.predict_proba(items))
+        return results[0] if single else results
 
     def format(self, probs: torch.Tensor, labels=None) -> list[dict]:
         """(N, C) probabilities -> ``{"label", "scores"}`` per row, labels in the user's own type."""
@@ -77,6 +91,22 @@ class EnsemblePredictor(Predictor):
 
     def proba_from_encoded(self, batch: dict) -> torch.Tensor:
         return torch.stack([m.proba_from_encoded(batch) for m in self.members]).mean(0)
+
+
+def _as_list(inputs) -> tuple[list, bool]:
+    """(the inputs as a list, whether one single input was given)."""
+    if isinstance(inputs, (str, bytes, os.PathLike)) or _is_pil_image(inputs):
+        return [inputs], True
+    try:
+        return list(inputs), False
+    except TypeError:
+        raise TuneforgeError(f"predict takes one input (a string, path, bytes or PIL image) or a list of them; "
+                             f"got {type(inputs).__name__}") from None
+
+
+def _is_pil_image(value) -> bool:
+    image = sys.modules.get("PIL.Image")  # only when PIL is loaded can a value be one of its images
+    return image is not None and isinstance(value, image.Image)
 
 
 def open_predictor(path, device: str = "cpu", batch_size: int = 64) -> Predictor:

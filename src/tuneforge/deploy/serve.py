@@ -1,35 +1,38 @@
 """`tuneforge serve RUN_DIR`: an HTTP server for a run's model (FastAPI + uvicorn, the
 `serve` extra).
 
-Concurrent requests are *micro-batched*: a single worker takes whatever requests are
-waiting (up to ``max_batch_size`` inputs, waiting at most ``max_wait_ms`` for more) and
-runs them through the model as one batch, in a thread so the event loop keeps accepting
-connections. Each request gets exactly its own rows back. Limits are checked before the
-model sees anything: the body size before it is read (Content-Length, and a running count
-for chunked bodies), then the number of inputs, text length, image size and decodability,
-each with a 4xx that names the limit.
+Concurrent requests are *micro-batched* (``deploy/batcher.py``): a single worker takes whatever
+requests are waiting (up to ``max_batch_size`` inputs, waiting at most ``max_wait_ms`` for more)
+and runs them through the model as one batch, in a thread so the event loop keeps accepting
+connections. Each request gets exactly its own rows back, and one bad request fails alone:
+every request is checked and encoded by itself before it joins a batch. Limits are checked
+before the model sees anything: the body size before it is read (Content-Length, and a running
+count for chunked bodies), then the JSON itself, the number of inputs, text length and
+encoding, image size and decodability, each with a 4xx that names the limit or the fix
+(docs/serving.md has the table).
 
 Endpoints: ``POST /v1/predict``, ``GET /v1/model``, ``GET /health``, ``GET /metrics``
-(Prometheus text format) and the OpenAPI docs at ``/docs``.
+(Prometheus text format, labelled by route, never by the raw path) and the OpenAPI schema at
+``/openapi.json``. ``/docs`` is a plain page pointing at the schema: FastAPI's Swagger UI loads
+its scripts from a CDN, which is blank on a machine without internet, and no installed package
+ships them.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request is
 # imported inside create_app, as fastapi is an optional extra).
 
-import asyncio
 import base64
 import hmac
-import io
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..errors import TuneforgeError
 from ..modalities import MODALITIES, modality_of
+from .batcher import BadInput, Batcher, log
 
 
 @dataclass
@@ -46,94 +49,86 @@ class ServeConfig:
 
 
 def load_api_keys(env: str = "TUNEFORGE_API_KEYS", file: str | None = None) -> list[str]:
-    """Keys from a comma-separated environment variable and/or a file with one key per line."""
-    keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
+    """Keys from a comma-separated environment variable and/or a file with one key per line
+    (blank lines and lines starting with ``#`` are skipped).
+
+    A key source that was given but holds no key is an error, never "no authentication": a
+    file of comments only (or an emptied one) would otherwise open the server to everyone."""
+    value = os.environ.get(env, "")
+    keys = [k.strip() for k in value.split(",") if k.strip()]
+    if value.strip() and not keys:
+        raise TuneforgeError(f"{env} is set but holds no key ({value!r}); give keys as {env}=key1,key2, "
+                             f"or unset it to serve without authentication")
     if file:
-        keys += [line.strip() for line in Path(file).read_text().splitlines() if line.strip() and not line.startswith("#")]
+        path = Path(file)
+        if not path.is_file():
+            raise TuneforgeError(f"--api-key-file {file} does not exist; write one key per line into it, or leave "
+                                 "the option out to serve without authentication")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        found = [line for line in lines if line and not line.startswith("#")]
+        if not found:
+            raise TuneforgeError(f"--api-key-file {file} holds no keys (only blank lines and # comments); put one "
+                                 "key per line, or leave the option out to serve without authentication")
+        keys += found
     return keys
 
 
-class _Batcher:
-    """Collects (inputs, future) requests and answers them from shared model calls."""
+def _key_of(headers) -> tuple[str | None, str]:
+    """(the key a request presents, or None; why it presents none). ``X-API-Key: KEY`` or
+    ``Authorization: Bearer KEY``, the scheme in any case (RFC 7235 §2.1); a bare key in
+    Authorization, without the scheme, is refused with a message saying so."""
+    if "x-api-key" in headers:
+        return headers["x-api-key"], ""
+    auth = headers.get("authorization")
+    if auth is None:
+        return None, "missing API key"
+    scheme, _, credentials = auth.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None, "the Authorization header needs the Bearer scheme"
+    return credentials.strip(), ""
 
-    def __init__(self, predictor, cfg: ServeConfig, metrics):
-        self.predictor, self.cfg, self.metrics = predictor, cfg, metrics
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.lock = asyncio.Lock()  # batching off: one model call at a time, one request each
-        self.task: asyncio.Task | None = None
 
-    def start(self) -> None:
-        if self.cfg.batching:
-            self.task = asyncio.create_task(self._run())
+def _printable(text: str) -> str:
+    """A message that can be sent as UTF-8 JSON even when it quotes a lone surrogate."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
-    async def stop(self) -> None:
-        if self.task:
-            await self.queue.join()  # in-flight requests finish first
-            self.task.cancel()
 
-    async def submit(self, inputs: list, adapter: str = "default") -> torch.Tensor:
-        if not self.cfg.batching:
-            async with self.lock:
-                self.metrics["batch"].observe(len(inputs))
-                return await asyncio.to_thread(self._infer, inputs, adapter)
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((inputs, future, adapter))
-        return await future
+def _lone_surrogate(text: str) -> int | None:
+    """Where a text holds half of a UTF-16 pair (JSON allows "\\ud800"; no tokenizer takes it)."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        return err.start
 
-    def _infer(self, inputs: list, adapter: str = "default") -> torch.Tensor:
-        p = self.predictor
-        if self.cfg.adapters:
-            p.model.set_adapter(adapter)  # only this worker thread runs the model: switching is safe
-        with torch.inference_mode():
-            batch = p.task.encode_inputs(inputs)
-            logits = p.model(**{k: v.to(p.device) for k, v in batch.items()})
-            return p.task.probabilities(logits).cpu()
 
-    async def _run(self) -> None:
-        while True:
-            first = await self.queue.get()
-            group, size = [first], len(first[0])
-            deadline = time.perf_counter() + self.cfg.max_wait_ms / 1000
-            while size < self.cfg.max_batch_size:
-                timeout = deadline - time.perf_counter()
-                try:
-                    item = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout)
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
-                    break
-                # a full batch, or another adapter: answer what we have; this one starts the next batch
-                if size + len(item[0]) > self.cfg.max_batch_size or item[2] != group[0][2]:
-                    await self._answer(group)
-                    group, size = [item], len(item[0])
-                    deadline = time.perf_counter() + self.cfg.max_wait_ms / 1000
-                    continue
-                group.append(item)
-                size += len(item[0])
-            await self._answer(group)
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", type(None): "null", bool: "a boolean", int: "a number",
+             float: "a number"}
+    return names.get(type(value), type(value).__name__)
 
-    async def _answer(self, group: list) -> None:
-        inputs = [x for request, _, _ in group for x in request]
-        self.metrics["batch"].observe(len(inputs))
-        try:
-            probs = await asyncio.to_thread(self._infer, inputs, group[0][2])
-            start = 0
-            for request, future, _ in group:
-                if not future.done():
-                    future.set_result(probs[start:start + len(request)])
-                start += len(request)
-        except Exception as err:  # every waiting request learns of it
-            for _, future, _ in group:
-                if not future.done():
-                    future.set_exception(err)
-        finally:
-            for _ in group:
-                self.queue.task_done()
+
+DOCS_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title} API</title></head>
+<body style="font-family: sans-serif; max-width: 46em; margin: 2em auto">
+<h1>{title}</h1><p>{description}</p>
+<p>The OpenAPI schema of this server is at <a href="{openapi}"><code>{openapi}</code></a>: open it in any
+OpenAPI viewer or client generator.</p>
+<p>There is no interactive Swagger UI here: it loads its scripts and styles from a CDN, which leaves the
+page blank on a machine without internet, and tuneforge downloads nothing at run time.</p>
+<ul>
+<li><code>POST /v1/predict</code> &mdash; <code>{{"{field}": [...]}}</code>, optionally <code>"adapter": "NAME"</code></li>
+<li><code>GET /v1/model</code> &mdash; labels, strategy, metrics, batching</li>
+<li><code>GET /health</code>, <code>GET /metrics</code> (Prometheus)</li>
+</ul></body></html>
+"""
 
 
 def create_app(run_dir, cfg: ServeConfig | None = None):
     try:
         from fastapi import FastAPI, HTTPException, Request
-        from fastapi.responses import JSONResponse, PlainTextResponse
+        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
         from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+        from starlette.routing import Match
     except ImportError:
         raise TuneforgeError("tuneforge serve needs FastAPI, uvicorn and prometheus-client: "
                              "pip install 'tuneforge[serve]'") from None
@@ -151,6 +146,8 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
     label_maps = {"default": predictor.labels, **_load_adapters(predictor, run_dir, cfg.adapters)}
     registry = CollectorRegistry()
     metrics = {
+        # endpoint: the route's path template, or "unmatched" for every unknown path, so that
+        # random paths cannot grow the number of series (and the /metrics page) without bound
         "requests": Counter("tuneforge_requests", "Requests by endpoint and status", ["endpoint", "status"],
                             registry=registry),
         "latency": Histogram("tuneforge_request_seconds", "Request latency", ["endpoint"], registry=registry,
@@ -160,7 +157,7 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
         "errors": Counter("tuneforge_errors", "Requests answered with an error, by reason", ["reason"],
                           registry=registry),
     }
-    batcher = _Batcher(predictor, cfg, metrics)
+    batcher = Batcher(predictor, cfg, metrics, fixed_shape=not spec.variable_length)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -168,38 +165,57 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
         yield
         await batcher.stop()  # graceful: what is queued is answered before the worker stops
 
+    # docs_url/redoc_url off: both pages load their assets from a CDN (blank offline); /docs below says so
     app = FastAPI(title="tuneforge", description=f"Predictions of the model fine-tuned in {run_dir.name}",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.predictor, app.state.batcher = predictor, batcher
     keys = [k.encode() for k in cfg.api_keys]
+    open_paths = ("/health", "/docs", "/openapi.json")
 
     def fail(status: int, reason: str, detail: str):
         metrics["errors"].labels(reason).inc()
-        raise HTTPException(status_code=status, detail=detail)
+        raise HTTPException(status_code=status, detail=_printable(detail))
+
+    def route_of(scope) -> str:
+        for route in app.router.routes:
+            match, _ = route.matches(scope)
+            if match != Match.NONE:  # FULL, or PARTIAL (the path is known, the method is not)
+                return route.path
+        return "unmatched"
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         t0 = time.perf_counter()
-        path = request.url.path
-        if keys and path not in ("/health", "/docs", "/openapi.json"):
-            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        endpoint = route_of(request.scope)
+
+        def answer(status: int, reason: str, detail: str, headers=None):
+            metrics["errors"].labels(reason).inc()
+            metrics["requests"].labels(endpoint, str(status)).inc()
+            return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+        if keys and request.url.path not in open_paths:
+            given, why = _key_of(request.headers)
             # constant-time comparison against every key (no early exit that leaks which one matched)
             ok = False
             for k in keys:
-                ok |= hmac.compare_digest(given.encode(), k)
-            if not ok:
-                metrics["errors"].labels("auth").inc()
-                metrics["requests"].labels(path, "401").inc()
-                return JSONResponse({"detail": "missing or wrong API key (send it as 'Authorization: Bearer KEY' "
-                                               "or 'X-API-Key: KEY')"}, status_code=401)
+                ok |= hmac.compare_digest((given or "").encode(), k)
+            if not ok or given is None:
+                return answer(401, "auth", f"{why or 'wrong API key'}: send it as 'Authorization: Bearer KEY' "
+                                           "or 'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
-            metrics["errors"].labels("too_large").inc()
-            metrics["requests"].labels(path, "413").inc()
-            return JSONResponse({"detail": f"request body is {int(length):,} bytes; the limit is "
-                                           f"{cfg.max_body_bytes:,} (send fewer or smaller inputs)"}, status_code=413)
-        response = await call_next(request)
-        metrics["requests"].labels(path, str(response.status_code)).inc()
-        metrics["latency"].labels(path).observe(time.perf_counter() - t0)
+            return answer(413, "too_large", f"request body is {int(length):,} bytes; the limit is "
+                                            f"{cfg.max_body_bytes:,} (send fewer or smaller inputs)")
+        try:
+            response = await call_next(request)
+        except Exception as err:  # a bug or a model failure: logged with its traceback, counted, answered
+            log.exception("%s %s failed", request.method, request.url.path)
+            response = answer(500, "internal", f"internal error ({type(err).__name__}) while answering this "
+                                               "request; the server log has the traceback")
+            metrics["latency"].labels(endpoint).observe(time.perf_counter() - t0)
+            return response
+        metrics["requests"].labels(endpoint, str(response.status_code)).inc()
+        metrics["latency"].labels(endpoint).observe(time.perf_counter() - t0)
         return response
 
     async def read_body(request: Request) -> bytes:
@@ -225,6 +241,27 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
         except Image.DecompressionBombError:
             fail(413, "too_large", f"images[{i}] has more than {cfg.max_image_pixels:,} pixels")
 
+    def check_adapter(adapter):
+        if not isinstance(adapter, str):
+            fail(422, "bad_request", f"'adapter' must be a string naming one of: {', '.join(label_maps)} "
+                                     f"(got {_json_type(adapter)})")
+        if adapter not in label_maps:
+            fail(422, "bad_request", f"unknown adapter {adapter!r}; this server has: {', '.join(label_maps)}")
+        return adapter
+
+    def check_texts(items: list) -> list:
+        for i, t in enumerate(items):
+            if not isinstance(t, str):
+                fail(422, "bad_request", f"inputs[{i}] is not a string")
+            if len(t) > cfg.max_text_chars:
+                fail(413, "too_long", f"inputs[{i}] has {len(t):,} characters; the limit is {cfg.max_text_chars:,}")
+            at = _lone_surrogate(t)
+            if at is not None:
+                fail(422, "bad_text", f"inputs[{i}] holds a lone UTF-16 surrogate ({t[at]!r} at character {at}), "
+                                      "which is not text; send valid UTF-8, with characters outside the BMP as a "
+                                      "surrogate pair (\\ud83d\\ude00) or unescaped")
+        return items
+
     @app.post("/v1/predict")
     async def predict(request: Request):
         """Text models: ``{"inputs": ["text", ...]}``. Image models: ``{"images": ["<base64>", ...]}``
@@ -234,41 +271,36 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
         if spec.files and ctype.startswith("multipart/"):
             form = await request.form(max_files=cfg.max_items + 1)
             files = form.getlist(field_name)
-            if not files:
+            if not files or any(isinstance(f, str) for f in files):
                 fail(422, "bad_request", f"multipart requests carry the inputs as files in the field '{field_name}'")
             if len(files) > cfg.max_items:
                 fail(413, "too_many", f"{len(files)} images; at most {cfg.max_items} per request")
             inputs = [decode_image(await f.read(), i) for i, f in enumerate(files)]
-            if adapter not in label_maps:
-                fail(422, "bad_request", f"unknown adapter {adapter!r}; this server has: {', '.join(label_maps)}")
+            adapter = check_adapter(adapter)
         else:
+            raw = await read_body(request)
             try:
-                body = json.loads(await read_body(request) or b"null")
+                body = json.loads(raw or b"null")
             except ValueError:
                 fail(400, "bad_json", "the body is not valid JSON")
+            except RecursionError:  # the C decoder's guard against deep nesting ([[[[...]]]])
+                fail(400, "bad_json", f"the body nests too deeply to be a request; send {{\"{field_name}\": [...]}}")
             if not isinstance(body, dict) or field_name not in body:
                 given = [f for f in others if isinstance(body, dict) and f in body]
                 hint = f" ('{given[0]}' is for {others[given[0]]} models)" if given else ""
                 fail(422, "bad_request", f"this is a {modality} model: send {{\"{field_name}\": [...]}}{hint}")
-            adapter = body.pop("adapter", adapter) if isinstance(body, dict) else adapter
-            if adapter not in label_maps:
-                fail(422, "bad_request", f"unknown adapter {adapter!r}; this server has: {', '.join(label_maps)}")
+            adapter = check_adapter(body.pop("adapter", adapter))
             unknown = sorted(set(body) - {field_name})
             if unknown:
-                fail(422, "bad_request", f"unknown field(s) {', '.join(unknown)}; only '{field_name}' is accepted")
+                fail(422, "bad_request", f"unknown field(s) {', '.join(map(repr, unknown))}; only '{field_name}' "
+                                         "(and 'adapter') are accepted")
             items = body[field_name]
             if not isinstance(items, list) or not items:
                 fail(422, "bad_request", f"'{field_name}' must be a non-empty list")
             if len(items) > cfg.max_items:
                 fail(413, "too_many", f"{len(items)} inputs; at most {cfg.max_items} per request")
-            if not spec.files:  # texts: strings, each within the length limit
-                for i, t in enumerate(items):
-                    if not isinstance(t, str):
-                        fail(422, "bad_request", f"inputs[{i}] is not a string")
-                    if len(t) > cfg.max_text_chars:
-                        fail(413, "too_long", f"inputs[{i}] has {len(t):,} characters; the limit is "
-                                              f"{cfg.max_text_chars:,}")
-                inputs = items
+            if not spec.files:  # texts: strings, each within the length limit, each real text
+                inputs = check_texts(items)
             else:  # files (images): base64 in JSON
                 inputs = []
                 for i, b64 in enumerate(items):
@@ -277,7 +309,10 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
                     except (ValueError, TypeError):
                         fail(422, "bad_image", f"images[{i}] is not valid base64")
                     inputs.append(decode_image(data, i))
-        probs = await batcher.submit(inputs, adapter)
+        try:
+            probs = await batcher.submit(inputs, adapter)
+        except BadInput as err:
+            fail(422, "bad_input", str(err))
         return {"predictions": predictor.format(probs, label_maps[adapter])}
 
     @app.get("/v1/model")
@@ -303,7 +338,25 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
     async def prometheus():
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return HTMLResponse(DOCS_PAGE.format(title=app.title, description=app.description, openapi=app.openapi_url,
+                                             field=field_name))
+
     return app
+
+
+def startup_lines(cfg: ServeConfig, host: str, port: int) -> list[str]:
+    """What `tuneforge serve` prints before it listens: authentication on or off, batching, the schema."""
+    where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    n = len(cfg.api_keys)
+    auth = (f"authentication: on ({n} API key{'s' if n != 1 else ''}; send 'Authorization: Bearer KEY' or "
+            "'X-API-Key: KEY')" if n else
+            "authentication: off (no API keys; set TUNEFORGE_API_KEYS or --api-key-file to require one)")
+    batching = (f"micro-batching: on (up to {cfg.max_batch_size} inputs, waiting up to {cfg.max_wait_ms:g} ms)"
+                if cfg.batching else "micro-batching: off (--no-batching)")
+    return [auth, batching, f"OpenAPI schema: {where}/openapi.json (no Swagger UI: it needs a CDN; {where}/docs "
+                            "says so)", f"predict: POST {where}/v1/predict"]
 
 
 def _load_adapters(predictor, run_dir: Path, adapters: dict[str, str]) -> dict:
@@ -353,7 +406,10 @@ def serve(run_dir, *, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfi
         import uvicorn
     except ImportError:
         raise TuneforgeError("tuneforge serve needs uvicorn: pip install 'tuneforge[serve]'") from None
+    cfg = cfg or ServeConfig()
     app = create_app(run_dir, cfg)
+    for line in startup_lines(cfg, host, port):
+        print(line, file=sys.stderr, flush=True)
     # SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight requests finish (up to 30 s),
     # then the lifespan drains the batcher.
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30, log_level="info")

@@ -87,6 +87,10 @@ def read_data(job) -> None:
             log(f"[yellow]skipped {len(items)} bad {split} record(s)[/]: " + "; ".join(map(str, items[:3]))
                 + (" ..." if len(items) > 3 else ""))
     job.labels = task.label_map(splits["train"])
+    for split in ("validation", "test"):  # every label known now, not when a dataset is built after the model
+        for record in splits.get(split, ()):
+            for value in task.record_labels(record):
+                job.labels.id(value, record.where)
     log("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " examples"
         + (f"; {job.labels.summary()}" if len(job.labels) else ""))
     job.fingerprints = {s: file_fingerprint(getattr(data, s)) for s in job.rows}
@@ -152,15 +156,24 @@ def _keep_fp32_where_faster(job) -> None:
 
 # --------------------------------------------------------------------------- run directory
 
-def check_run_dir(job) -> None:
+def check_run_dir(job, lock: bool = True) -> None:
     """Where the run goes, checked before the model loads (a refusal costs nothing) and locked
     for this process until the run ends, however it ends: a new run may not go into a directory
     that holds another run (without --overwrite) or lies inside one; a resumed run must be the
-    same run, unfinished, not trained by a live process, with a valid checkpoint."""
+    same run, unfinished, not trained by a live process, with a valid checkpoint.
+
+    ``lock=False`` (``tuneforge validate``): a new run's refusals only; nothing is created,
+    locked or tidied, and ``job.run`` stays unset (a default ``runs/<name>-<stamp>`` is always free)."""
     from .resume import check_resumable, check_same_run, find_run_to_resume
     from .rundir import RunDir, check_output_dir, default_run_dir
 
     recipe = job.recipe
+    if not lock:
+        if job.resume:
+            raise TuneforgeError("a resumed run is checked under its lock (check_run_dir(job, lock=True))")
+        if recipe.output.dir:
+            check_output_dir(Path(recipe.output.dir), _overwrite(job))
+        return
     if job.resume:
         run = RunDir(find_run_to_resume(job.resume, recipe, job.origin))
         _lock(job, run, "resume")

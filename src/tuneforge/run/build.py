@@ -294,7 +294,7 @@ def build_trainer(job) -> None:
     from ..engine.optim import build_optimizer, build_scheduler
     from ..engine.plan import TrainPlan
     from ..engine.precision import precision_name
-    from ..engine.progress import RichProgress
+    from ..engine.progress import progress_callback
     from ..engine.trainer import Trainer
     from ..strategies.base import describe_lrs, param_groups
 
@@ -320,8 +320,8 @@ def build_trainer(job) -> None:
         callbacks += build_loggers(recipe.output.loggers, run.path, recipe)
     if cfg.early_stopping.patience:
         callbacks.append(EarlyStopping(cfg.early_stopping.patience))
-    if cfg.progress:
-        callbacks.append(RichProgress(job.console))
+    # a bar on a terminal; plain lines in a log or with train.progress: false (the evaluations always)
+    callbacks.append(progress_callback(job.console, log, cfg.progress))
     if run.previous is not None:
         callbacks.append(_DropPrevious(run))  # sees the checkpoints this step wrote (its order)
     if recipe.retain.data:

@@ -291,7 +291,7 @@ def build_trainer(job) -> None:
     """Optimizer (parameter groups by layer group), schedule, callbacks -> the Trainer, complete."""
     from ..engine.callbacks import BestCheckpoint, EarlyStopping, MetricsLog, ResumeCheckpoint
     from ..engine.mfu import MFU
-    from ..engine.optim import build_optimizer, build_scheduler
+    from ..engine.optim import build_optimizer, build_scheduler, schedule_curve
     from ..engine.plan import TrainPlan
     from ..engine.precision import precision_name
     from ..engine.progress import progress_callback
@@ -328,6 +328,7 @@ def build_trainer(job) -> None:
         callbacks.append(_retain_monitor(job))
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, cfg.warmup,
                                 wrap=lambda fn: strategy.wrap_schedule(fn, plan))
+    run.update_manifest(lr_schedule=schedule_curve(scheduler, plan.total_steps))  # the report draws every step
     labels, task = job.labels, job.task
     job.trainer = trainer = Trainer(
         model=job.model, task=task, optimizer=optimizer, scheduler=scheduler, train_loader=job.loaders["train"],

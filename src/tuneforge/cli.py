@@ -1,5 +1,6 @@
 """The `tuneforge` command. Heavy libraries import inside each subcommand so
-`tuneforge --help` and `tuneforge validate` start fast."""
+`tuneforge --help` and `tuneforge validate --no-data` start fast (a full `validate` reads the data
+with the run's own stages)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 
 import pytest
 from rich.console import Console
@@ -52,3 +53,22 @@ def test_a_terminal_gets_the_bar():
     off = progress_callback(terminal, print, False)
     assert isinstance(off, PlainProgress) and not off.every_log
     assert isinstance(progress_callback(None, print, True), PlainProgress)
+
+
+def test_library_bars_stay_out_of_a_log(tiny_bert_dir, train_csv, tmp_path, capfd):
+    """transformers draws its own tqdm bars on stderr (loading, writing weights): not in a log."""
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    with warnings.catch_warnings():  # as outside the test suite (conftest turns them off)
+        warnings.simplefilter("ignore")
+        hub.enable_progress_bars()
+        hf_logging.enable_progress_bar()
+    try:
+        _run(tiny_bert_dir, train_csv, tmp_path, progress=True)
+        err = capfd.readouterr().err
+        assert not any(glyph in err for glyph in "█━"), err
+        assert hf_logging.is_progress_bar_enabled()  # given back when the run ended
+    finally:
+        hub.disable_progress_bars()
+        hf_logging.disable_progress_bar()

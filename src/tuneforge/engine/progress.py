@@ -9,11 +9,13 @@
   file leaves ``train ━ … … eta …`` behind, and without a bar the evaluation lines vanished.
 
 Both are ``DISPLAY`` callbacks (after ``BEST``: the evaluation line marks an improvement with
-``*``); ``progress_callback`` picks one.
+``*``); ``progress_callback`` picks one. ``quiet_library_bars`` keeps the Hugging Face
+libraries' own bars out of such output too.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 from .callbacks import DISPLAY, Callback
@@ -26,6 +28,30 @@ def progress_callback(console, log, show_progress: bool) -> Callback:
     if show_progress and console is not None and console.is_terminal:
         return RichProgress(console)
     return PlainProgress(log, every_log=show_progress)
+
+
+def quiet_library_bars(console):
+    """Hugging Face libraries draw their own tqdm bars (loading and writing weights) on stderr;
+    where the run's output is not a terminal, turn them off for the run. Returns the undo."""
+    if console is None or console.is_terminal:
+        return lambda: None
+    from huggingface_hub import utils as hub  # transformers reads this switch when it is imported
+
+    hub_on = not hub.are_progress_bars_disabled()
+    hf = sys.modules.get("transformers.utils.logging")  # imported already: it keeps a switch of its own
+    hf_on = hf.is_progress_bar_enabled() if hf else hub_on
+    hub.disable_progress_bars()
+    if hf:
+        hf.disable_progress_bar()
+
+    def undo() -> None:
+        if hub_on:
+            hub.enable_progress_bars()
+        hf = sys.modules.get("transformers.utils.logging")
+        if hf and hf_on:
+            hf.enable_progress_bar()
+
+    return undo
 
 
 def eval_line(trainer, metrics: dict) -> str:

@@ -103,8 +103,11 @@ def build_model(job) -> None:
     from ..models import load_model
     from ..strategies import describe_trainable, get_strategy
 
+    from ..engine.progress import quiet_library_bars
+
     recipe, task, log = job.recipe, job.task, job.log
     t0 = time.perf_counter()
+    job.on_exit(quiet_library_bars(job.console))  # no tqdm bars in a log: loading and saving weights
     m = recipe.model
     job.loaded = loaded = load_model(m.name, source=m.source, weights=m.weights, key_map=m.key_map,
                                      trust_remote_code=m.trust_remote_code, load_in_4bit=m.load_in_4bit,

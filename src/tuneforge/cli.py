@@ -1,5 +1,6 @@
 """The `tuneforge` command. Heavy libraries import inside each subcommand so
-`tuneforge --help` and `tuneforge validate` start fast."""
+`tuneforge --help` and `tuneforge validate --no-data` start fast (a full `validate` reads the data
+with the run's own stages)."""
 
 from __future__ import annotations
 
@@ -68,10 +69,25 @@ def _print_per_class(title: str, rows: list[dict]) -> None:
 
 
 def cmd_validate(args) -> int:
+    """The recipe, then what `train` checks before the model loads, by the run's own stages:
+    the data (files, columns, labels: ``read_data``) and where the run would go
+    (``check_run_dir`` without its lock: nothing is created). ``--no-data``: the schema only."""
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    print(f"{args.recipe}: valid ({recipe.task.type}, model {recipe.model.name}, strategy {recipe.strategy.name})")
+    checked = "recipe only: data not read (--no-data)"
+    if not args.no_data:
+        from .run.build import check_run_dir, read_data
+        from .run.job import Job, Log
+
+        console = _console()
+        job = Job(recipe, origin=args.recipe, overwrite=True if args.overwrite else None, console=console,
+                  log=Log(console))
+        read_data(job)
+        check_run_dir(job, lock=False)
+        checked = "data read: " + ", ".join(f"{k} {len(v)}" for k, v in job.splits.items()) + " examples"
+    print(f"{args.recipe}: valid ({recipe.task.type}, model {recipe.model.name}, strategy {recipe.strategy.name}; "
+          f"{checked})")
     if args.show:
         import yaml
 
@@ -353,10 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm start: a new run whose model starts from that run's final weights")
     t.set_defaults(fn=cmd_train)
 
-    v = sub.add_parser("validate", help="check a recipe without running it")
+    v = sub.add_parser("validate", help="check a recipe and its data without training", description=(
+        "Check a recipe as `tuneforge train` would before it loads the model: the recipe itself (unknown keys, "
+        "types, combinations), then its data (every file exists and reads; the text, label and image columns "
+        "exist, with a did-you-mean; labels read and agree across splits) and its output.dir (not a file, not "
+        "inside a run, no run already there without --overwrite). Nothing is written and no run directory is "
+        "created or locked. The model itself is not loaded."))
     v.add_argument("recipe")
-    v.add_argument("--set", action="append", metavar="KEY=VALUE")
+    v.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. train.lr=3e-5")
     v.add_argument("--show", action="store_true", help="print the resolved recipe")
+    v.add_argument("--no-data", action="store_true",
+                   help="check the recipe only, without reading its data or output.dir (e.g. a recipe written "
+                        "before its data exists)")
+    v.add_argument("--overwrite", action="store_true",
+                   help="check output.dir as `train --overwrite` would (a run already there is no error)")
     v.set_defaults(fn=cmd_validate)
 
     e = sub.add_parser("eval", help="evaluate a run's model on a labelled file")

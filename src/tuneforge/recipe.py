@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from .yaml_safe import read_recipe_file
 from .errors import TuneforgeError, suggest
 from .schema import Section as _Section
 from .strategies.options import DEFAULT_STRATEGY, NAME_DOC, STRATEGY_NAMES, StrategyOptions
@@ -115,7 +116,7 @@ class TrainSection(_Section):
     threads: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field("auto", description="CPU: intra-op threads for this run. auto = torch's default (one per core) unless other processes keep cores busy when the run starts, then only the free cores (measured for 0.25 s from /proc; threads waiting for a descheduled peer made training 10-17x slower on a shared 2-core machine: PERFORMANCE.md); OMP_NUM_THREADS / MKL_NUM_THREADS in the environment are respected. A number sets it. The count used is in the manifest (torch_threads); the previous setting is restored when the run ends.")
     fast_dropout: bool = Field(True, description="CPU: draw dropout masks with tuneforge's own kernel (64 random bits from torch's generator serve four elements) instead of one Bernoulli draw per element: 3-4x faster per dropout, which was 10% of a MiniLM training step (PERFORMANCE.md); Hugging Face models' attention-probability dropout too (an attention function registered beside transformers' SDPA, used only while training on CPU with dropout). Same distribution (drop probability to 1/32768, expectation kept exactly), same seeded generator, so runs stay reproducible and resumable; a different random stream from torch's dropout, so results differ from a run with it off as they would with another seed. GPUs and torch.compile keep torch's dropout.")
     compile: bool = Field(False, description="torch.compile the backbone (in place; saved weights keep their names). Opt-in: compiling takes tens of seconds to minutes, which only pays off on long runs; text batches of varying length compile with dynamic shapes.")
-    progress: bool = Field(True, description="Show progress bars.")
+    progress: bool = Field(True, description="Show training progress: a live bar on a terminal; in a log file, CI or any non-terminal output, one plain line per log interval (never bar glyphs). The `step N validation: ...` lines are printed either way.")
 
     @model_validator(mode="after")
     def _rates(self) -> "TrainSection":
@@ -308,7 +309,9 @@ def _format_validation(err: ValidationError, origin: str) -> str:
         loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
         msg = item["msg"].removeprefix("Value error, ")
         given = item.get("input")
-        shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
+        text = repr(given)
+        text = text if len(text) <= 200 else text[:200] + " ..."  # a long list would bury the message
+        shown = f" (got {text})" if given is not None and not isinstance(given, dict) else ""
         lines.append(f"  {loc or '<recipe>'}: {msg}{shown}")
     return f"invalid recipe {origin}:\n" + "\n".join(lines)
 
@@ -365,23 +368,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
         data, origin = source, "(python)"
     else:
         path = Path(source)
-        if not path.is_file():
-            raise TuneforgeError(f"recipe file '{path}' does not exist (see recipes/ for examples)")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as err:
-            line = err.object[:err.start].count(b"\n") + 1
-            raise TuneforgeError(f"{path} line {line}: not valid UTF-8 (byte 0x{err.object[err.start]:02x}) "
-                                 "— re-save the recipe as UTF-8") from None
-        except RecursionError:
-            raise TuneforgeError(f"{path}: nested too deeply to be a recipe (a recipe is a few sections of "
-                                 "key: value pairs) — check the file's brackets and indentation") from None
-        except OSError as err:
-            raise TuneforgeError(f"cannot read recipe file {path} ({err.strerror or err}) — check its permissions") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise TuneforgeError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        data = read_recipe_file(path)
         origin = str(path)
     if overrides:
         data = apply_overrides(data, overrides)

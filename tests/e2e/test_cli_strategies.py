@@ -91,15 +91,21 @@ def test_frozen_parameters_bit_identical(tiny_bert_dir, text_train, tmp_path):
 
 
 def test_linear_probe_keeps_batchnorm_statistics(tiny_timm_weights, image_train, tmp_path):
+    import tuneforge
     from tuneforge import finetune
 
     run = finetune(image_recipe(tiny_timm_weights, image_train, tmp_path / "run", "linear-probe"))
     before = load_file(str(tiny_timm_weights[1]))
-    after = load_file(str(run.path / "model" / "model.safetensors"))
+    # the best checkpoint holds every buffer beside the trained head: the statistics did not move
+    after = load_file(str(run.path / "checkpoints" / "best" / "trainable.safetensors"))
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
     assert stats
-    for k in before:
+    for k in stats:
         assert before[k].equal(after["backbone." + k]), k
+    # so the saved model is the head on the referenced base weights, and reloads to the same backbone
+    assert not (run.path / "model" / "model.safetensors").exists()
+    state = tuneforge.load(run.path).model.backbone.state_dict()
+    assert all(before[k].equal(state[k]) for k in before)
 
 
 def test_lora_adapter_reload_identical_and_loads_with_peft(tiny_bert_dir, text_train, tmp_path):

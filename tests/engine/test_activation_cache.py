@@ -42,7 +42,7 @@ def test_text_cached_equals_uncached(tiny_bert_dir, tmp_path, private_cache):
         runs[mode] = finetune(text_recipe(tiny_bert_dir, train, tmp_path / mode, "linear-probe",
                                           train={"epochs": 3, "lr": 1e-2, "cache_activations": mode}))
     assert len(list(private_cache.glob("*.npy"))) == 2  # train + validation features
-    _compare(runs["auto"], runs["off"], "head.safetensors")
+    _compare(runs["auto"], runs["off"], "trainable.safetensors")  # linear-probe saves the head on the base
 
 
 def test_image_cached_equals_uncached(tiny_timm_weights, tmp_path, private_cache):
@@ -51,8 +51,10 @@ def test_image_cached_equals_uncached(tiny_timm_weights, tmp_path, private_cache
     for mode in ("auto", "off"):
         runs[mode] = finetune(image_recipe(tiny_timm_weights, train, tmp_path / mode, "linear-probe",
                                            data={"augment": False}, train={"cache_activations": mode}))
-    a = load_file(str(runs["auto"].path / "model" / "model.safetensors"))
-    b = load_file(str(runs["off"].path / "model" / "model.safetensors"))
+    # the best checkpoints: the trained head and every buffer (BatchNorm statistics) of the backbone
+    a = load_file(str(runs["auto"].path / "checkpoints" / "best" / "trainable.safetensors"))
+    b = load_file(str(runs["off"].path / "checkpoints" / "best" / "trainable.safetensors"))
+    assert any(k.endswith("running_mean") for k in b) and "task_head.weight" in b
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert _losses(runs["auto"].path) == pytest.approx(_losses(runs["off"].path), rel=1e-4, abs=1e-5)

@@ -86,7 +86,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_bert_dir, tmp_path):
                                    task={"head_dropout": 0.0},
                                    train={"batch_size": bs, "grad_accum": accum, "max_steps": 1, "warmup": 0,
                                           "group_by_length": False, "max_grad_norm": None, "lr": 1e-2}))
-        heads.append(load_file(str(run.path / "model" / "head.safetensors")))
+        heads.append(load_file(str(run.path / "model" / "trainable.safetensors")))  # linear-probe: the head
     for k in heads[0]:
         torch.testing.assert_close(heads[0][k], heads[1][k], rtol=1e-5, atol=1e-6)
 

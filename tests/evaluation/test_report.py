@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from html.parser import HTMLParser
 
@@ -64,7 +65,7 @@ def text_run(tiny_bert_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     train = write_text_csv(tmp / "train.csv", n=48)
     return tuneforge.finetune(text_recipe(tiny_bert_dir, train, tmp / "run", "lora",
-                                          train={"epochs": 3, "eval_every": 2, "log_every": 1},
+                                          train={"epochs": 3, "eval_every": 2, "log_every": 1, "warmup": 4},
                                           output={"report": True}))
 
 
@@ -92,6 +93,53 @@ def test_lr_figure_has_one_line_per_param_group(text_run):
     events = [json.loads(x) for x in (text_run.path / "metrics.jsonl").read_text().splitlines()]
     groups = {k for e in events if e["event"] == "train" for k in e["lr"]}
     assert len(groups) >= 2  # backbone adapters and head, at their own rates
+
+
+def _section_html(path, sid: str) -> str:
+    text = path.read_text()
+    start = text.index(f"<section id='{sid}'>")
+    return text[start:text.index("</section>", start)]
+
+
+def test_parameters_are_summarised_by_module_group_with_the_detail_collapsed(text_run):
+    """Issue 22: one row per tensor (~220 for MiniLM) made the page 9,000 px tall."""
+    section = _section_html(text_run.path / "report.html", "parameters")
+    summary, detail = section.split("<details>", 1)
+    groups = [g["group"] for g in json.loads((text_run.path / "manifest.json").read_text())["parameters"]["groups"]]
+    assert groups == ["0: embeddings", "1: encoder.layer.0", "2: encoder.layer.1 (+1)", "head"]
+    assert summary.count("<tr>") == 1 + len(groups) and "module group" in summary
+    assert detail.startswith("<summary>every module (") and detail.count("<tr>") > 30
+    assert "base_model.model" not in section and "lora_A.default.weight" not in section  # modules, not tensors
+    assert "7,234" in summary  # counts read with separators
+
+
+def test_throughput_figures_are_read_as_units_not_raw_floats(text_run):
+    page = _Page()
+    page.feed((text_run.path / "report.html").read_text())
+    text = page.sections["throughput"]["text"]
+    assert re.search(r"matmul_peak_flops[\d.]+ [kMGT]FLOP/s", text), text
+    assert re.search(r"train_s\d+\.\d{1,2} s", text) and re.search(r"peak_rss_mb[\d,]+ MB", text)
+    assert re.search(r"train_flops_per_token[\d.]+ [kMG]?FLOP per token", text)
+    assert not re.search(r"\d\.\d{5,}", text)  # no 45599742341.9762
+
+
+def test_lr_figure_draws_the_warmup_of_every_step(text_run):
+    """Issue 22: the figure drew only the logged steps, so a warmup between two logs vanished."""
+    from tuneforge.evaluation.figures import lr_lines
+
+    manifest = json.loads((text_run.path / "manifest.json").read_text())
+    schedule = manifest["lr_schedule"]
+    assert schedule["step"] == list(range(1, manifest["steps"] + 1))  # 15 steps: every one kept
+    assert schedule["multiplier"][:4] == [0.25, 0.5, 0.75, 1.0]  # train.warmup: 4 steps
+    events = [json.loads(x) for x in (text_run.path / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if e["event"] == "train"]
+    assert train[0]["lr"]["backbone"] == pytest.approx(0.25e-3)  # the rate step 1 used, not step 2's
+    lines = lr_lines(train[::5], schedule)  # logged rarely: the curve still has every step
+    assert set(lines) == {"backbone", "head"}  # head.no_decay at the head's rates is drawn once
+    steps, lrs = lines["backbone"]["curve"]
+    assert steps[:4] == [1, 2, 3, 4] and lrs[:4] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3])
+    # the logged rates lie on the curve (its multipliers are kept to 6 significant digits)
+    assert all(lr == pytest.approx(lrs[steps.index(s)], rel=1e-5) for s, lr in zip(*lines["backbone"]["logged"]))
 
 
 def test_report_command_regenerates_fast_and_compares(text_run, tmp_path, capsys):

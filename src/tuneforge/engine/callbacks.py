@@ -14,7 +14,7 @@ may wrap an evaluation's batches (a progress bar); the default hands them back.
 
 ``logs`` (Trainer.log_figures): ``step``, ``epoch`` (fractional), ``loss`` (the token-weighted
 mean training loss since the last log, None if nothing trained), ``lr`` (per parameter
-group), ``speed`` (samples_per_s; tokens_per_s and padding_fraction for text; mfu when
+group: the rates the logged step used, so a warmup's first step shows its small rate), ``speed`` (samples_per_s; tokens_per_s and padding_fraction for text; mfu when
 measured), ``interval`` (the raw seconds, examples, tokens, positions behind ``speed``) and
 ``time`` (perf_counter when measured).
 

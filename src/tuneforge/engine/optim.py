@@ -40,3 +40,20 @@ def build_scheduler(optimizer, kind: str, total_steps: int, warmup: float, wrap=
     warmup_steps = int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
     fn = schedule_fn(kind, total_steps, warmup_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, wrap(fn) if wrap else fn)
+
+
+def schedule_curve(scheduler, total_steps: int, buckets: int = 100) -> dict:
+    """The learning rate of every step, compressed for the report (``manifest.json``
+    ``lr_schedule``): optimizer step k (from 1) uses ``base_lr * multiplier(k - 1)``. The steps
+    fall into at most ``buckets`` runs; each keeps its first, last, lowest and highest points,
+    so a warmup of a few steps among thousands still shows, and so does a strategy's re-warmup
+    (the scheduler's own multiplier is read, wrapping included). Cheap: one call per step."""
+    fn = scheduler.lr_lambdas[0]
+    size = max(1, math.ceil(total_steps / buckets))
+    keep: list[int] = []
+    for start in range(0, total_steps, size):
+        run = [(fn(s), s) for s in range(start, min(total_steps, start + size))]
+        keep += sorted({run[0][1], run[-1][1], min(run)[1], max(run)[1]})
+    names = [g.get("name", str(i)) for i, g in enumerate(scheduler.optimizer.param_groups)]
+    return {"step": [s + 1 for s in keep], "multiplier": [float(f"{fn(s):.6g}") for s in keep],
+            "base_lr": dict(zip(names, scheduler.base_lrs))}

@@ -86,6 +86,7 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=device)
         self._loss_count = torch.zeros((), dtype=torch.long, device=device)
         self._mark = (time.perf_counter(), 0, 0, 0)  # time, examples, tokens, positions at the last log
+        self._step_lrs: dict | None = None  # the learning rates the last optimizer step used
 
     # -- helpers ---------------------------------------------------------------------------
     def fire(self, event: str, *args) -> None:
@@ -168,7 +169,7 @@ class Trainer:
     def log_figures(self) -> dict:
         """What on_log hands to the callbacks: the training loss since the last log as a
         token-weighted mean (its host sync is the one sync of the interval), the learning
-        rates, and throughput over the interval (``interval`` holds the raw counts)."""
+        rates the logged step used, and throughput over the interval (``interval`` holds the raw counts)."""
         s, now = self.state, time.perf_counter()
         t, examples, tokens, positions = self._mark
         interval = {"seconds": now - t, "examples": s.examples - examples, "tokens": s.tokens - tokens,
@@ -178,7 +179,8 @@ class Trainer:
         self._loss_sum.zero_()
         self._loss_count.zero_()
         return {"step": s.step, "epoch": s.epoch_float, "loss": loss_sum / count if count else None,
-                "lr": self.current_lrs(), "speed": speed(**interval), "interval": interval, "time": now}
+                "lr": self._step_lrs or self.current_lrs(), "speed": speed(**interval), "interval": interval,
+                "time": now}
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -235,6 +237,7 @@ class Trainer:
                 ok = bool(finite) and (grad_norm is None or bool(torch.isfinite(grad_norm)) or self.scaler.is_enabled())
                 stepped = ok or not self.nonfinite(step_indices, bool(finite))
                 if stepped:
+                    self._step_lrs = self.current_lrs()  # the rates this step uses; the schedule moves on below
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     if self.scheduler is not None:

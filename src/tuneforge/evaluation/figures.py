@@ -52,16 +52,41 @@ def curves(train: list[dict], evals: list[dict], metric: str) -> bytes | None:
     return _png(fig)
 
 
-def learning_rates(train: list[dict]) -> bytes | None:
-    """One line per optimizer parameter group."""
+def lr_lines(train: list[dict], schedule: dict | None = None) -> dict[str, dict]:
+    """Per parameter group: ``{"curve": (steps, lrs) or None, "logged": (steps, lrs)}``. The
+    curve is the schedule of every step (``manifest.json`` ``lr_schedule``: warmup included,
+    however rarely the run logged); the logged points are ``metrics.jsonl``'s. A group
+    ``X.no_decay`` at the same rates as ``X`` is drawn once, as ``X``."""
     events = [e for e in train if isinstance(e.get("lr"), dict)]
-    if not events:
+    base = (schedule or {}).get("base_lr") or {}
+    names = list(dict.fromkeys([*base, *(k for e in events for k in e["lr"])]))
+    lines = {}
+    for group in names:
+        parent = group.removesuffix(".no_decay")
+        if parent != group and parent in names and base.get(parent) == base.get(group):
+            continue
+        curve = None
+        if group in base and schedule.get("step"):
+            curve = (schedule["step"], [base[group] * m for m in schedule["multiplier"]])
+        logged = [(e["step"], e["lr"][group]) for e in events if group in e["lr"]]
+        lines[group] = {"curve": curve, "logged": tuple(zip(*logged)) if logged else None}
+    return {k: v for k, v in lines.items() if v["curve"] or v["logged"]}
+
+
+def learning_rates(train: list[dict], schedule: dict | None = None) -> bytes | None:
+    """One line per optimizer parameter group: the schedule of every step, the logged steps as dots."""
+    lines = lr_lines(train, schedule)
+    if not lines:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    for group in dict.fromkeys(k for e in events for k in e["lr"]):
-        pts = [(e["step"], e["lr"][group]) for e in events if group in e["lr"]]
-        ax.plot(*zip(*pts), ".-", label=str(group))
+    for group, line in lines.items():
+        if line["curve"]:
+            (drawn,) = ax.plot(*line["curve"], "-", label=str(group))
+            if line["logged"]:
+                ax.plot(*line["logged"], ".", color=drawn.get_color())
+        else:  # a run from before the schedule was recorded: its logged steps only
+            ax.plot(*line["logged"], ".-", label=str(group))
     ax.set_xlabel("step"), ax.set_ylabel("learning rate"), ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))

@@ -34,24 +34,6 @@ pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.8em;max-height:40
 """
 
 
-def parameter_summary(model) -> dict:
-    """Trainable / total parameters, per top-level module (two name levels), and adapters."""
-    rows: dict[str, list[int]] = {}
-    adapters = [0, 0]
-    for name, p in model.named_parameters():
-        key = ".".join(n for n in name.split(".")[:2] if n not in ("base_model", "model")) or name
-        row = rows.setdefault(key, [0, 0])
-        row[0] += p.numel()
-        row[1] += p.numel() if p.requires_grad else 0
-        if any(tag in name for tag in ("lora_", "adapter_", "prompt_")):
-            adapters[0] += p.numel()
-            adapters[1] += p.numel() if p.requires_grad else 0
-    total = sum(r[0] for r in rows.values())
-    trainable = sum(r[1] for r in rows.values())
-    return {"total": total, "trainable": trainable, "adapter_params": adapters[0],
-            "modules": [{"module": k, "params": v[0], "trainable": v[1]} for k, v in rows.items()]}
-
-
 # --------------------------------------------------------------------------- reading a run
 
 def _read_json(path: Path) -> dict:
@@ -100,6 +82,41 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
     return "—" if v is None else _e(v)
+
+
+def _si(value: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.2f} s" if s < 10 else f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {round(s % 60):02d} s"
+    return f"{int(s // 3600)} h {round(s % 3600 / 60):02d} min"
+
+
+def figure_text(key: str, value) -> str:
+    """A throughput or timing figure as a person reads it: ``matmul_peak_flops 45599742341.97``
+    -> ``45.6 GFLOP/s``, ``train_s 94.31`` -> ``1 min 34 s``, ``peak_rss_mb 1028.4`` -> ``1,028 MB``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _fmt(value)
+    if key.endswith("peak_flops"):
+        return _si(value, "FLOP/s")
+    if key.startswith("train_flops_per_"):
+        return _si(value, "FLOP") + f" per {key.removeprefix('train_flops_per_')}"
+    if key.endswith("_per_s"):
+        return f"{value:,.1f} {key.removesuffix('_per_s')}/s"
+    if key.endswith("_s"):
+        return _seconds(value)
+    if key.endswith("_mb"):
+        return f"{value:,.0f} MB"
+    if key in ("mfu", "padding_fraction"):
+        return f"{100 * value:.3g}%"
+    return _fmt(value)
 
 
 def _table(header: list[str], rows: list[list], left: int = 1) -> str:
@@ -229,6 +246,26 @@ def _forgetting(f: dict, fig) -> str:
             + _table(["step", *keys], [[h["step"], *[h.get(k) for k in keys]] for h in f.get("history", [])]))
 
 
+def _parameters(params: dict) -> str:
+    """The counts, one row per module group, and every module under a collapsed <details>."""
+    total, trainable = params.get("total", 0), params.get("trainable", 0)
+
+    def rows(items: list[dict], key: str) -> list[list]:
+        return [[r[key], f"{r['params']:,}", f"{r['trainable']:,}",
+                 f"{100 * r['trainable'] / r['params']:.3g}%" if r["params"] else "—"] for r in items]
+
+    text = (f"<p>trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+            + (f"; adapter parameters {params['adapter_params']:,}" if params.get("adapter_params") else "") + "</p>")
+    header = ["parameters", "trainable", "share trained"]
+    if params.get("groups"):
+        text += _table(["module group", *header], rows(params["groups"], "group"))
+    modules = params.get("modules", [])
+    if modules:  # runs from before the groups: the detail was their only table
+        text += (f"<details><summary>every module ({len(modules)})</summary>"
+                 + _table(["module", *header], rows(modules, "module")) + "</details>")
+    return text
+
+
 def _pre(data) -> str:
     text = data if isinstance(data, str) else json.dumps(data, indent=2, default=str)
     return f"<pre>{_e(text)}</pre>"
@@ -252,7 +289,7 @@ def write_report(run_dir, status: str | None = None) -> Path:
     names = final.get("labels", [])
     pngs = {
         "curves": figures.curves(run["train"], run["evals"], metric),
-        "learning_rates": figures.learning_rates(run["train"]),
+        "learning_rates": figures.learning_rates(run["train"], run["manifest"].get("lr_schedule")),
         "confusion_matrix": figures.confusion(val.get("confusion_matrix"), names),
         "calibration": figures.calibration(val.get("calibration"), val.get("ece")),
         "throughput_memory": figures.speed(run["train"]),
@@ -292,15 +329,9 @@ def write_report(run_dir, status: str | None = None) -> Path:
         ("calibration", "Calibration (validation)", fig("calibration", "reliability diagram", "no calibration data")),
         ("confidently-wrong", "Most confidently wrong validation examples", wrong_html),
         *([("forgetting", "Forgetting (retain data)", _forgetting(forgot, fig))] if forgot else []),
-        ("parameters", "Trainable parameters", (
-            f"<p>trainable {params.get('trainable', 0):,} of {params.get('total', 0):,} parameters "
-            f"({100 * params.get('trainable', 0) / max(params.get('total', 1), 1):.2f}%)"
-            + (f"; adapter parameters {params['adapter_params']:,}" if params.get("adapter_params") else "") + "</p>"
-            + _table(["module", "parameters", "trainable"],
-                     [[r["module"], r["params"], r["trainable"]] for r in params.get("modules", [])]))
-         if params else "<p class='muted'>not recorded</p>"),
+        ("parameters", "Trainable parameters", _parameters(params) if params else "<p class='muted'>not recorded</p>"),
         ("throughput", "Throughput and memory", fig("throughput_memory", "throughput", "no speed figures logged")
-         + _table(["figure", "value"], [[k, v] for k, v in timings.items()])),
+         + _table(["figure", "value"], [[k, figure_text(k, v)] for k, v in timings.items()])),
         ("reproducibility", "What may not reproduce, and why", (
             "<ul>" + "".join(f"<li><b>{_e(c['what'])}</b>: {_e(c['why'])}</li>"
                              for c in repro.get("may_not_reproduce", [])) + "</ul>")

@@ -1,18 +1,22 @@
 """Saving the final model into ``<run>/model`` and loading it back for prediction.
 
-Layout (``tuneforge.json`` says which applies):
-- HF backbone, weights changed (full / partial): ``backbone/`` is a Hugging Face
-  model directory (config, safetensors weights, tokenizer) + ``head.safetensors``;
-- HF backbone unchanged (linear-probe): the same, so the model stands on its own;
-- timm backbone (any non-LoRA strategy): ``model.safetensors`` + the timm
-  architecture name;
-- LoRA / IA3: ``adapter/`` as written by ``peft`` (loads with ``PeftModel.from_pretrained``
-  on the same base) + the base model reference; with ``output.merge`` the update is folded
-  in and the model is saved plainly (one of the two layouts above);
-- adapters, bitfit, prompt / prefix tuning: ``trainable.safetensors`` (only the tensors that
-  trained, by name) + the strategy's options + the base model reference; loading rebuilds
-  the base, re-applies the strategy and fills in the trained tensors.
-Plus ``labels.json`` (label map) and the task's preprocessing settings.
+Layout (``tuneforge.json`` says which applies; the strategy's declared ``saved_layout``
+chooses):
+- ``plain``, HF backbone (full / partial / gradual-unfreeze): ``backbone/`` is a Hugging Face
+  model directory (config, safetensors weights, tokenizer) + ``head.safetensors``
+  (``hf-backbone+head``); a timm backbone: ``model.safetensors`` + the timm architecture name
+  (``full-state``);
+- ``peft`` (LoRA / IA3): ``adapter/`` as written by ``peft`` (loads with
+  ``PeftModel.from_pretrained`` on the same base) + the base model reference; with
+  ``output.merge`` the update is folded in and the model is saved plainly;
+- ``trainable`` (linear-probe, adapters, bitfit, prompt / prefix tuning): ``trainable.safetensors``
+  (only the tensors that trained, by name) + the strategy's options + the base model reference
+  (``base+trainable``); loading rebuilds the base, re-applies the strategy and fills in the
+  trained tensors. A warm-started run (``--init-from``) of a strategy whose model is the plain
+  architecture (linear-probe, bitfit) is saved ``plain``: its frozen weights are another run's,
+  not the referenced base's.
+Plus ``labels.json`` (label map) and the task's preprocessing settings. Models saved before
+linear-probe declared ``trainable`` (``hf-backbone+head`` / ``full-state``) load as they did.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from ..errors import TuneforgeError
 FORMAT_VERSION = 1
 
 
-def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe, merged: dict | None = None) -> Path:
+def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe, merged: dict | None = None,
+               warm_started: bool = False) -> Path:
     """``merged``: the report of ``merge_and_check`` when ``model`` is an already merged plain model.
+    ``warm_started``: the model started from another run's weights (``--init-from``), not the base's.
 
     Written into ``.<name>.tmp`` beside ``directory`` and renamed into place at the end: a full
     disk or a crash leaves no half-saved model under the real name, and no partial copy at all
@@ -42,7 +48,7 @@ def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe
     tmp.mkdir(parents=True)
     try:
         _write_model(tmp, model=model, loaded=loaded, strategy=strategy, labels=labels, task=task, recipe=recipe,
-                     merged=merged)
+                     merged=merged, warm_started=warm_started)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -57,7 +63,8 @@ def save_model(directory: Path, *, model, loaded, strategy, labels, task, recipe
     return directory
 
 
-def _write_model(directory: Path, *, model, loaded, strategy, labels, task, recipe, merged: dict | None) -> None:
+def _write_model(directory: Path, *, model, loaded, strategy, labels, task, recipe, merged: dict | None,
+                 warm_started: bool) -> None:
     info = loaded.info
     meta = {
         "format_version": FORMAT_VERSION,
@@ -71,6 +78,8 @@ def _write_model(directory: Path, *, model, loaded, strategy, labels, task, reci
         "task_settings": task.settings(),
     }
     layout = "plain" if merged else strategy.saved_layout
+    if layout == "trainable" and warm_started and strategy.plain_export:
+        layout = "plain"  # the untrained weights are the warm start's: a reference to the base would lose them
     if merged:
         meta["merged"] = merged
     if layout == "peft":
@@ -83,7 +92,7 @@ def _write_model(directory: Path, *, model, loaded, strategy, labels, task, reci
 
         save_file(trainable_tensors(model), str(directory / "trainable.safetensors"))
         meta["layout"] = "base+trainable"
-        meta["strategy_options"] = recipe.strategy.model_dump(mode="json")
+        meta["strategy_options"] = strategy.options.model_dump(mode="json")  # the concrete one (auto's choice)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(str(directory / "tokenizer"))
     elif task.needs_lm_head:
@@ -115,10 +124,18 @@ def _load_base(meta: dict, directory: Path):
     if layout == "full-state":
         spec = meta["base_spec"]
         return load_model(spec["arch"], source="timm", pretrained=False)
-    base = meta["base_model"]  # peft adapter: rebuild the same pretrained base
-    return load_model(base["name"], source=base["source"], weights=base["weights"], key_map=base["key_map"],
-                      trust_remote_code=base["trust_remote_code"], causal_lm=causal_lm,
-                      load_in_4bit=base.get("load_in_4bit", False))
+    base = meta["base_model"]  # a peft adapter or trained tensors: rebuild the same pretrained base
+    try:
+        return load_model(base["name"], source=base["source"], weights=base["weights"], key_map=base["key_map"],
+                          trust_remote_code=base["trust_remote_code"], causal_lm=causal_lm,
+                          load_in_4bit=base.get("load_in_4bit", False))
+    except TuneforgeError as err:
+        where = base["weights"] or base["name"]
+        raise TuneforgeError(
+            f"{directory} holds only what its run trained (strategy {meta['strategy']}) and a reference to its base "
+            f"model '{where}', which does not load now: {err} — put the base model back where the run found it "
+            "(a plain copy of a trained model comes from `tuneforge export RUN --format safetensors` while its base "
+            "is there)") from None
 
 
 def load_model_dir(directory: Path):

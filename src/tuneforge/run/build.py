@@ -87,6 +87,10 @@ def read_data(job) -> None:
             log(f"[yellow]skipped {len(items)} bad {split} record(s)[/]: " + "; ".join(map(str, items[:3]))
                 + (" ..." if len(items) > 3 else ""))
     job.labels = task.label_map(splits["train"])
+    for split in ("validation", "test"):  # every label known now, not when a dataset is built after the model
+        for record in splits.get(split, ()):
+            for value in task.record_labels(record):
+                job.labels.id(value, record.where)
     log("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + " examples"
         + (f"; {job.labels.summary()}" if len(job.labels) else ""))
     job.fingerprints = {s: file_fingerprint(getattr(data, s)) for s in job.rows}
@@ -99,8 +103,11 @@ def build_model(job) -> None:
     from ..models import load_model
     from ..strategies import describe_trainable, get_strategy
 
+    from ..engine.progress import quiet_library_bars
+
     recipe, task, log = job.recipe, job.task, job.log
     t0 = time.perf_counter()
+    job.on_exit(quiet_library_bars(job.console))  # no tqdm bars in a log: loading and saving weights
     m = recipe.model
     job.loaded = loaded = load_model(m.name, source=m.source, weights=m.weights, key_map=m.key_map,
                                      trust_remote_code=m.trust_remote_code, load_in_4bit=m.load_in_4bit,
@@ -152,15 +159,24 @@ def _keep_fp32_where_faster(job) -> None:
 
 # --------------------------------------------------------------------------- run directory
 
-def check_run_dir(job) -> None:
+def check_run_dir(job, lock: bool = True) -> None:
     """Where the run goes, checked before the model loads (a refusal costs nothing) and locked
     for this process until the run ends, however it ends: a new run may not go into a directory
     that holds another run (without --overwrite) or lies inside one; a resumed run must be the
-    same run, unfinished, not trained by a live process, with a valid checkpoint."""
+    same run, unfinished, not trained by a live process, with a valid checkpoint.
+
+    ``lock=False`` (``tuneforge validate``): a new run's refusals only; nothing is created,
+    locked or tidied, and ``job.run`` stays unset (a default ``runs/<name>-<stamp>`` is always free)."""
     from .resume import check_resumable, check_same_run, find_run_to_resume
     from .rundir import RunDir, check_output_dir, default_run_dir
 
     recipe = job.recipe
+    if not lock:
+        if job.resume:
+            raise TuneforgeError("a resumed run is checked under its lock (check_run_dir(job, lock=True))")
+        if recipe.output.dir:
+            check_output_dir(Path(recipe.output.dir), _overwrite(job))
+        return
     if job.resume:
         run = RunDir(find_run_to_resume(job.resume, recipe, job.origin))
         _lock(job, run, "resume")
@@ -278,10 +294,10 @@ def build_trainer(job) -> None:
     """Optimizer (parameter groups by layer group), schedule, callbacks -> the Trainer, complete."""
     from ..engine.callbacks import BestCheckpoint, EarlyStopping, MetricsLog, ResumeCheckpoint
     from ..engine.mfu import MFU
-    from ..engine.optim import build_optimizer, build_scheduler
+    from ..engine.optim import build_optimizer, build_scheduler, schedule_curve
     from ..engine.plan import TrainPlan
     from ..engine.precision import precision_name
-    from ..engine.progress import RichProgress
+    from ..engine.progress import progress_callback
     from ..engine.trainer import Trainer
     from ..strategies.base import describe_lrs, param_groups
 
@@ -307,14 +323,15 @@ def build_trainer(job) -> None:
         callbacks += build_loggers(recipe.output.loggers, run.path, recipe)
     if cfg.early_stopping.patience:
         callbacks.append(EarlyStopping(cfg.early_stopping.patience))
-    if cfg.progress:
-        callbacks.append(RichProgress(job.console))
+    # a bar on a terminal; plain lines in a log or with train.progress: false (the evaluations always)
+    callbacks.append(progress_callback(job.console, log, cfg.progress))
     if run.previous is not None:
         callbacks.append(_DropPrevious(run))  # sees the checkpoints this step wrote (its order)
     if recipe.retain.data:
         callbacks.append(_retain_monitor(job))
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, cfg.warmup,
                                 wrap=lambda fn: strategy.wrap_schedule(fn, plan))
+    run.update_manifest(lr_schedule=schedule_curve(scheduler, plan.total_steps))  # the report draws every step
     labels, task = job.labels, job.task
     job.trainer = trainer = Trainer(
         model=job.model, task=task, optimizer=optimizer, scheduler=scheduler, train_loader=job.loaders["train"],

@@ -36,7 +36,7 @@ def finish(job) -> None:
     run.write_json("eval.json", final)
     if recipe.output.save_model:
         save_model(run.model_dir, model=job.model, loaded=job.loaded, strategy=job.strategy, labels=job.labels,
-                   task=job.task, recipe=recipe, merged=merged)
+                   task=job.task, recipe=recipe, merged=merged, warm_started=bool(job.init_from))
 
 
 def merge(job):
@@ -69,7 +69,7 @@ def name_examples(wrong: list[dict], records: list) -> None:
 def record_completion(job, train_s: float) -> None:
     """Timings, throughput and what the run was, into the manifest: status completed."""
     from ..engine.throughput import peak_memory, speed
-    from ..evaluation.report import parameter_summary
+    from ..evaluation.parameters import parameter_summary
 
     state, mfu = job.state, job.mfu
     mfu.remeasure_peak()  # outside the timed training
@@ -85,8 +85,8 @@ def record_completion(job, train_s: float) -> None:
         "samples_per_s", "tokens_per_s", "padding_fraction", "mfu", "peak_rss_mb")))
     job.run.update_manifest(status="completed", steps=state.step, best_step=job.final["best_step"], timings=timings,
                             task_settings=job.task.settings(), model_info=info_json(job.loaded.info),
-                            skipped_nonfinite=state.skipped_nonfinite, parameters=parameter_summary(job.model),
-                            speedups=job.speedups)
+                            skipped_nonfinite=state.skipped_nonfinite, speedups=job.speedups,
+                            parameters=parameter_summary(job.model, job.loaded.info.layer_groups))
 
 
 def drop_resumable(job) -> None:

@@ -117,7 +117,7 @@ def is_head(name: str) -> bool:
     return name.startswith("task_head.") or ".task_head." in name
 
 
-def _backbone_path(name: str) -> str | None:
+def backbone_path(name: str) -> str | None:
     """``backbone.x.y`` (or peft's ``base_model.model.backbone.x.y``) -> ``x.y``; None outside the backbone."""
     if name.startswith("backbone."):
         return name[len("backbone."):]
@@ -180,7 +180,7 @@ def param_groups(model: nn.Module, info, train, will_train: set[str] | None = No
         if is_head(n):
             tag, lr = "head", head_lr
         else:
-            path = _backbone_path(n)
+            path = backbone_path(n)
             i = find(path) if path is not None else None
             if uniform:
                 tag, lr = "backbone", train.lr

@@ -50,10 +50,9 @@ def _recipe_dict(recipe, overrides) -> dict:
     elif isinstance(recipe, dict):
         data = copy.deepcopy(recipe)
     else:
-        path = Path(recipe)
-        if not path.is_file():
-            raise TuneforgeError(f"recipe file '{path}' does not exist (see recipes/ for examples)")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        from ..yaml_safe import read_recipe_file
+
+        data = read_recipe_file(Path(recipe))  # the recipe loader's own checks: duplicate keys, aliases
     return apply_overrides(data, list(overrides or []))
 
 

@@ -62,7 +62,8 @@ def test_python_api_run_object(text_run):
 
 def test_command_line_entry_point(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "tuneforge", "validate", "recipes/sst2-minilm.yaml", "--show"],
+    # --no-data: the shipped recipe reads ../shared/data, which a clean clone (CI) does not have
+    out = subprocess.run([sys.executable, "-m", "tuneforge", "validate", "recipes/sst2-minilm.yaml", "--show", "--no-data"],
                          capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.returncode == 0, out.stderr
     assert "valid" in out.stdout and "max_train_rows: 8000" in out.stdout

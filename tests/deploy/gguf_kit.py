@@ -83,7 +83,8 @@ class LlamaCpp:
         return self._post("/apply-template", {"messages": messages})["prompt"]
 
     def greedy(self, ids: list[int], n: int) -> list[tuple[int, float]]:
-        """(token id, log-prob) of ``n`` greedy steps after ``ids``."""
+        """(token id, log-prob) of up to ``n`` greedy steps after ``ids``; the last is the end-of-turn
+        token when the model stops (llama.cpp's ``ignore_eos`` would forbid it, not ignore it)."""
         out = self.server.handle_completions({"prompt": ids, "n_predict": n, "temperature": 0, "top_k": 1,
-                                              "n_probs": 1, "cache_prompt": False, "ignore_eos": True})
+                                              "n_probs": 1, "cache_prompt": False})
         return [(t["id"], t["logprob"]) for t in out["choices"][0]["logprobs"]["content"]]

@@ -43,6 +43,17 @@ def qwen_run(tmp_path_factory):
     return finetune(_recipe(model, train, val, tmp / "run", "full")).path
 
 
+def test_a_preference_run_exports_with_its_pairs_as_held_out_text(tmp_path):
+    """DPO (LoRA) on the tiny Llama: the check reads the run's validation pairs (prompt + chosen)."""
+    lm = make_tiny_lm(tmp_path / "tiny")
+    recipe = _recipe(lm, lm / "dpo-train.jsonl", lm / "dpo-val.jsonl", tmp_path / "run", "lora")
+    recipe["task"] = {"type": "preference", "max_length": 64, "generation": {"eval_prompts": 0}}
+    run = finetune(recipe).path
+    report = export_run(run, "gguf", tmp_path / "out", gguf_dtype="f32", samples=4)
+    assert report["check"] == "passed" and report["samples"].startswith("4 rows of") and report["merged"]
+    assert report["max_abs_diff"] <= 1e-4 and report["texts"] == 4
+
+
 def _run_model(run):
     from tuneforge.llm.model import core_model
     from tuneforge.run.artifact import load_model_dir

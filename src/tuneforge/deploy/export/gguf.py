@@ -355,11 +355,19 @@ def held_out(run_dir: Path, n: int) -> tuple[list[list[dict]], str]:
                 records = reader.read(split, path, limit=n, skipped=[])
             except TuneforgeError:
                 continue
-            convs = [r.values["messages"] if "messages" in r.values else r.values["prompt"] + r.values["chosen"]
-                     for r in records]
+            convs = [c for c in map(_conversation, (r.values for r in records)) if c]
             if convs:
                 return convs, f"{len(convs)} rows of {path}"
     return [list(c) for c in FIXED], f"{len(FIXED)} fixed conversations (the run's data is gone)"
+
+
+def _conversation(values: dict) -> list[dict] | None:
+    """A record's conversation: its messages (causal-lm), or the prompt and the chosen reply (preference)."""
+    if isinstance(values.get("messages"), list):
+        return values["messages"]
+    if isinstance(values.get("prompt"), list) and isinstance(values.get("chosen"), list):
+        return values["prompt"] + values["chosen"]
+    return None
 
 
 def _prompts(conversations: list[list[dict]]) -> list[list[dict]]:
@@ -466,7 +474,9 @@ def export(model, task, meta: dict, out: Path, log, *, dtype: str = "f16", sampl
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
     try:
         path = tmp / f"model-{dtype}.gguf"
+        t1 = time.perf_counter()
         written = write_gguf(path, lm, task.tokenizer, task.template, dtype, meta, name=source.name)
+        t2 = time.perf_counter()
         result = check(path, task, dtype, conversations, reference, expected, ids, written.pop("chat_template"))
         problems = result.pop("problems")
         report = {"format": "gguf", "file": path.name, "bytes": path.stat().st_size, "dtype": dtype, **written,
@@ -479,7 +489,8 @@ def export(model, task, meta: dict, out: Path, log, *, dtype: str = "f16", sampl
                   "chat_template_name": task.template_name}
         if problems:
             raise TuneforgeError("gguf parity check failed: " + "; ".join(problems) + "; nothing was written")
-        report["seconds"] = round(time.perf_counter() - t0, 2)
+        report.update(seconds=round(time.perf_counter() - t0, 2), seconds_write=round(t2 - t1, 2),
+                      seconds_check=round(time.perf_counter() - t2, 2))  # the rest: merge + the run's logits
         publish(tmp, out, report)
     finally:
         if tmp.exists():

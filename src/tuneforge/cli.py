@@ -234,7 +234,7 @@ def cmd_export(args) -> int:
 
     console = _console()
     report = export_run(args.run_dir, args.format, args.out, quantize=args.quantize, samples=args.samples,
-                        overwrite=args.overwrite, log=console.print)
+                        overwrite=args.overwrite, gguf_dtype=args.gguf_dtype, log=console.print)
     print(json.dumps({k: report[k] for k in ("format", "max_abs_diff", "label_agreement", "check")}))
     print(args.out)
     return 0
@@ -439,15 +439,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", default=None, help="new run directory (default RUN_DIR-repro-<stamp>)")
     rp.set_defaults(fn=cmd_reproduce)
 
-    ex = sub.add_parser("export", help="export a run's model (onnx, safetensors), checked for parity with the original")
+    ex = sub.add_parser("export", help="export a run's model (onnx, safetensors, hf, gguf), checked for parity with "
+                                       "the original")
     ex.add_argument("run_dir")
-    ex.add_argument("--format", required=True, choices=["onnx", "safetensors", "hf"],
+    ex.add_argument("--format", required=True, choices=["onnx", "safetensors", "hf", "gguf"],
                     help="onnx: a graph for onnxruntime (dynamic batch/sequence axes) + tokenizer/preprocessing; "
                          "safetensors: plain weights + config, loadable by tuneforge.load without the recipe; "
-                         "hf: a Hugging Face encoder directory (LoRA/IA3 merged) + head + pooling, for plain transformers")
+                         "hf: a Hugging Face encoder directory (LoRA/IA3 merged) + head + pooling, for plain transformers "
+                         "(a causal LM: the whole merged *ForCausalLM); gguf: one llama.cpp file of a Llama/Qwen2 "
+                         "causal-LM run (LoRA merged, tokenizer, chat template and EOS inside; docs/export-gguf.md)")
     ex.add_argument("--out", required=True, help="directory to write: new, empty, or an earlier export with "
                                                  "--overwrite (never a run directory or a folder inside one)")
     ex.add_argument("--quantize", choices=["int8"], default=None, help="onnx only: dynamic int8 weights (CPU)")
+    ex.add_argument("--gguf-dtype", choices=["f16", "f32"], default=None,
+                    help="gguf only: type of the 2-D weights (default f16; norms and biases are always f32)")
     ex.add_argument("--samples", type=int, default=16, help="rows of the run's data used for the parity check")
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     ex.set_defaults(fn=cmd_export)

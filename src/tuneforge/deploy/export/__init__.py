@@ -1,4 +1,4 @@
-"""`tuneforge export RUN_DIR --format onnx|safetensors|hf --out DIR [--quantize int8]`.
+"""`tuneforge export RUN_DIR --format onnx|safetensors|hf|gguf --out DIR [--quantize int8] [--gguf-dtype f16|f32]`.
 
 Every export is checked before it is called done: the exported artifact runs in its own
 runtime (onnxruntime for ONNX; a fresh ``tuneforge.load`` for safetensors) on sample
@@ -27,7 +27,7 @@ import torch
 from ...errors import TuneforgeError
 
 # format -> the module of this package that writes it (each defines ``export(...) -> report``)
-FORMATS = {"onnx": "onnx", "safetensors": "safetensors", "hf": "hf"}
+FORMATS = {"onnx": "onnx", "safetensors": "safetensors", "hf": "hf", "gguf": "gguf"}
 
 
 def check_target(run_dir: Path, out: Path, overwrite: bool) -> None:
@@ -56,8 +56,18 @@ def check_target(run_dir: Path, out: Path, overwrite: bool) -> None:
                                  "replace it")
 
 
+def saved_meta(run_dir: Path) -> dict | None:
+    """The run's ``model/tuneforge.json`` (what it saved), read without loading the model."""
+    import json
+
+    for directory in (run_dir / "model", run_dir):
+        if (directory / "tuneforge.json").is_file():
+            return json.loads((directory / "tuneforge.json").read_text())
+    return None
+
+
 def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: int = 16, overwrite: bool = False,
-               log=print) -> dict:
+               gguf_dtype: str | None = None, log=print) -> dict:
     from ...run.artifact import load_model_dir
     from .common import publish, sample_inputs
     from .hf import export_causal_lm
@@ -69,7 +79,17 @@ def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: 
         raise TuneforgeError(f"--quantize {quantize}: only int8 is supported")
     if quantize and fmt != "onnx":
         raise TuneforgeError("--quantize int8 is dynamic int8 quantization of an ONNX graph; use it with --format onnx")
+    if gguf_dtype is not None and fmt != "gguf":
+        raise TuneforgeError(f"--gguf-dtype sets the weight type of a GGUF file; use it with --format gguf, not {fmt}")
     check_target(run_dir, out, overwrite)  # before the model loads
+    if fmt == "gguf":
+        from .gguf import DTYPES, refuse_early
+
+        if (gguf_dtype or "f16") not in DTYPES:
+            raise TuneforgeError(f"--gguf-dtype {gguf_dtype}: choose one of {', '.join(DTYPES)}")
+        meta = saved_meta(run_dir)
+        if meta is not None:  # a missing one gets load_model_dir's error
+            refuse_early(meta)
     model, task, labels, meta = load_model_dir(run_dir)
     if task.needs_lm_head and not task.generative:  # label-words: the LM itself scores the labels
         raise TuneforgeError(
@@ -78,6 +98,10 @@ def export_run(run_dir, fmt: str, out, *, quantize: str | None = None, samples: 
             "model/backbone (a full run's fine-tuned causal LM) with transformers, or train with "
             "task.classifier: head to export a classification head")
     model.eval()
+    if fmt == "gguf":
+        from .gguf import export as export_gguf
+
+        return export_gguf(model, task, meta, out, log, dtype=gguf_dtype or "f16", samples=samples, run_dir=run_dir)
     if task.generative:
         return export_causal_lm(model, task, meta, fmt, out, log)
     inputs, label_values, where = sample_inputs(run_dir if (run_dir / "config.yaml").exists() else run_dir.parent,

@@ -104,7 +104,8 @@ def export_causal_lm(model, task, meta: dict, fmt: str, out: Path, log) -> dict:
 
     if fmt != "hf":
         raise TuneforgeError(f"--format {fmt}: a {meta['task']['type']} run exports as --format hf (a plain Hugging "
-                             "Face causal-LM directory that transformers, vLLM, TGI and llama.cpp's converters load)")
+                             "Face causal-LM directory that transformers, vLLM, TGI and llama.cpp's converters load) "
+                             "or --format gguf (one llama.cpp file, Llama/Qwen2 models)")
     plain = plain_model(model, meta)
     core = core_model(plain)
     text = task.template.prompt([{"role": "user", "content": "Hello, how are you?"}])

@@ -69,7 +69,7 @@ def read_data(job) -> None:
             raise TuneforgeError(f"data.{split} path '{path}' does not exist (relative paths start at {Path.cwd()})")
         limit = data.max_train_rows if split == "train" else data.max_eval_rows
         job.skipped[split] = []
-        job.splits[split] = task.read(split, path, limit=limit, skipped=job.skipped[split])
+        job.splits[split] = task.read(split, path, limit=limit, skipped=job.skipped[split], log=log)
         job.rows[split] = len(job.splits[split])
     splits = job.splits
     if "validation" not in splits:

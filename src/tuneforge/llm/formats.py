@@ -113,8 +113,8 @@ def _mapping_order(mapping: str) -> tuple:
     """ShareGPT mappings in reading order: the top-level system, the turns (system, human, gpt), the replies."""
     role = mapping.rsplit("-> ", 1)[-1]
     field = 1 if "[from=" in mapping else 0 if mapping.startswith("system") else 2
-    return field, ("system", "user", "assistant", "chosen reply", "rejected reply").index(role) \
-        if role in ("system", "user", "assistant", "chosen reply", "rejected reply") else 9, mapping
+    roles = ("system", "user", "assistant", "chosen reply", "rejected reply")
+    return field, roles.index(role) if role in roles else len(roles)  # ties keep first-seen order (stable sort)
 
 
 def _json_rows(path: Path, encoding: str):

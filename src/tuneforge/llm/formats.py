@@ -310,8 +310,7 @@ def sharegpt_turns(turns, where: str, key: str = "conversations", *, system: str
         speaker = turn["from"]
         if speaker in SHAREGPT_TOOL_ROLES:
             raise TuneforgeError(f"{where}: {key} turn {i + 1} is a '{speaker}' turn (tool use); tuneforge trains on "
-                                 "human/gpt/system turns only — remove the tool turns from this record, or leave "
-                                 "such records out with data.on_bad_record: skip")
+                                 "human/gpt/system turns only — remove the tool turns from this record")
         role = SHAREGPT_ROLES.get(speaker)
         if role is None:
             raise TuneforgeError(f"{where}: {key} turn {i + 1} is from '{speaker}'; ShareGPT turns are from "
@@ -354,8 +353,9 @@ def sharegpt_preference(obj: dict, where: str) -> dict:
                              f"{SHAPES['sharegpt-preference']}")
     prompt, mapped = sharegpt_turns(obj[key], where, key, system=_system_field(obj, where))
     if prompt[-1]["role"] != "user":
-        raise TuneforgeError(f"{where}: '{key}' must end with a human turn (the prompt the replies answer), but it "
-                             f"ends with a {prompt[-1]['role']} turn")
+        last = prompt[-1]["role"]
+        raise TuneforgeError(f"{where}: '{key}' must end with a human turn (the prompt the replies answer); its last "
+                             f"turn is {'an' if last == 'assistant' else 'a'} {last} turn")
     chosen, how_chosen = _sharegpt_reply(obj["chosen"], prompt, where, "chosen")
     rejected, how_rejected = _sharegpt_reply(obj["rejected"], prompt, where, "rejected")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "mapped": mapped + [how_chosen, how_rejected]}

@@ -250,7 +250,12 @@ def _convert(source: GgufSource, sha: str, root: Path, converter: Converter | No
 
 
 def _fsync_tree(directory: Path) -> None:
+    """Flush every file before the rename publishes them, and give them the umask's permissions
+    (safetensors writes 0600 files; a cache others on the machine share must be readable to them)."""
+    mask = os.umask(0)
+    os.umask(mask)
     for p in directory.iterdir():
+        os.chmod(p, 0o666 & ~mask)
         with open(p, "rb") as f:
             os.fsync(f.fileno())
 

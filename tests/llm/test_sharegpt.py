@@ -162,3 +162,17 @@ def test_a_sharegpt_preference_file_trains_with_the_chat_template_and_masks_the_
     ids, labels = item["chosen"]
     chosen = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
     assert chosen.startswith("dcba") and "reverse" not in chosen and "abc" not in chosen.replace("dcba", "")
+
+
+def test_validate_prints_the_mapping_as_plain_text(tmp_path, capsys):
+    """The run's log takes rich markup; the note quotes field names with brackets, which must survive."""
+    from tuneforge.cli import main
+
+    data = _jsonl(tmp_path / "sg.jsonl", [{"conversations": [turn("human", f"hi {i}"), turn("gpt", "hello")]}
+                                          for i in range(6)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name: {tmp_path}}}\ntask: {{type: causal-lm}}\ndata: {{train: {data}}}\n"
+                      f"output: {{dir: {tmp_path / 'run'}}}\n")
+    assert main(["validate", str(recipe)]) == 0
+    assert ("sg.jsonl: ShareGPT: conversations[from=human] -> user, conversations[from=gpt] -> assistant"
+            in capsys.readouterr().err.replace("\n", ""))

@@ -19,6 +19,7 @@ the scalar keys and the tensor names, which this reads in milliseconds, skipping
 
 from __future__ import annotations
 
+import copy
 import struct
 import time
 from collections.abc import Callable
@@ -238,13 +239,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, header: GgufHead
     log(f"  [1/4] read in {t_read:.1f} s")
 
     t1 = time.perf_counter()
-    config = source.config
+    config = copy.deepcopy(source.config)  # the GGUF model keeps its own (it computes the probe below)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the copy is a plain fp32 model
     config.tie_word_embeddings = "output.weight" not in header.tensors  # llama.cpp writes output.weight iff untied
     clean = AutoModelForCausalLM.from_config(config).float()
-    state = {k: v for k, v in source.state_dict().items()}
-    result = clean.load_state_dict(state, strict=False)
+    result = clean.load_state_dict(source.state_dict(), strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
@@ -255,17 +255,18 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, header: GgufHead
         clean.tie_weights()
     clean.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    del clean, state
+    del clean
     t_write = time.perf_counter() - t1
     log(f"  [2/4] wrote a clean {type(source).__name__} and its tokenizer in {t_write:.1f} s")
 
     # The check: the copy, loaded the way every later load will load it, against the GGUF's model.
     t2 = time.perf_counter()
-    copy = AutoModelForCausalLM.from_pretrained(out_dir, use_safetensors=True, **{_dtype_kwarg(): torch.float32}).eval()
+    written = AutoModelForCausalLM.from_pretrained(out_dir, use_safetensors=True,
+                                                   **{_dtype_kwarg(): torch.float32}).eval()
     reloaded_tok = AutoTokenizer.from_pretrained(out_dir)
     ids = torch.tensor([tokenizer(PROBE_TEXT)["input_ids"]])
     with torch.no_grad():
-        expected, got = source(input_ids=ids).logits[0].float(), copy(input_ids=ids).logits[0].float()
+        expected, got = source(input_ids=ids).logits[0].float(), written(input_ids=ids).logits[0].float()
     diff = float((expected - got).abs().max())
     if not torch.equal(expected, got):
         raise TuneforgeError(f"converting {gguf_path}: the written copy's logits differ from the GGUF model's by up to "
@@ -282,7 +283,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, header: GgufHead
     t_check = time.perf_counter() - t2
     log(f"  [3/4] checked: the copy's logits on a probe prompt equal the GGUF model's (max |diff| {diff:.1g}); "
         f"chat template {'kept' if template else 'none in the file'} ({t_check:.1f} s)")
-    params = sum(p.numel() for p in copy.parameters())
+    params = sum(p.numel() for p in written.parameters())
     return {"read_s": round(t_read, 2), "write_s": round(t_write, 2), "check_s": round(t_check, 2),
             "architecture": header.architecture, "model_type": config.model_type, "parameters": params,
             "tied_embeddings": bool(config.tie_word_embeddings), "tensor_types": header.type_names(),

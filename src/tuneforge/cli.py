@@ -86,7 +86,11 @@ def cmd_validate(args) -> int:
         read_data(job)
         check_run_dir(job, lock=False)
         checked = "data read: " + ", ".join(f"{k} {len(v)}" for k, v in job.splits.items()) + " examples"
-    print(f"{args.recipe}: valid ({recipe.task.type}, model {recipe.model.name}, strategy {recipe.strategy.name}; "
+    from .models.aliases import ALIASES
+
+    alias = ALIASES.get(recipe.model.name)
+    about = f" = {alias.summary()}" if alias is not None else ""
+    print(f"{args.recipe}: valid ({recipe.task.type}, model {recipe.model.name}{about}, strategy {recipe.strategy.name}; "
           f"{checked})")
     if args.show:
         import yaml
@@ -140,10 +144,12 @@ def cmd_options(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import known_aliases
+    from .models.aliases import ALIASES
 
-    for name, desc in known_aliases().items():
-        print(f"{name:20s} {desc}")
+    for name, alias in ALIASES.items():
+        state = "installed" if alias.installed() else f"not installed: {alias.install}"
+        print(f"{name:20s} {alias.description}")
+        print(f"{'':20s} {alias.summary()}; {state}")
     return 0
 
 

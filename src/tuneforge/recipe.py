@@ -36,8 +36,8 @@ __all__ = ["NAME_DOC", "GenerationSection", "Recipe", "StrategyOptions", "TaskOp
 
 
 class ModelSection(_Section):
-    name: str = Field("minilm-l6", description="Alias (see `tuneforge models`), local Hugging Face directory, cached hub name, or timm architecture.")
-    source: Literal["auto", "alias", "hf", "timm"] = Field("auto", description="Where `name` comes from; `auto` tries alias, local directory, timm, then the local HF cache.")
+    name: str = Field("minilm-l6", description="Alias (see `tuneforge models`), local Hugging Face directory, local .gguf file (llama.cpp; converted once to safetensors in $TUNEFORGE_CACHE/models), cached hub name, or timm architecture.")
+    source: Literal["auto", "alias", "hf", "timm", "gguf"] = Field("auto", description="Where `name` comes from; `auto` tries alias, local directory or GGUF file, timm, then the local HF cache.")
     weights: Optional[str] = Field(None, description="Local weights file (.safetensors, or .pth loaded with weights_only=True) for timm architectures.")
     key_map: Optional[str] = Field(None, description="Key-mapping hook for `weights`: a registered name (e.g. efficientnet_pytorch) or 'package.module:function'.")
     trust_remote_code: bool = Field(False, description="Allow a Hugging Face model directory to run its own Python code. Off unless you trust the source.")

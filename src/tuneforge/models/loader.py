@@ -3,7 +3,8 @@
 Resolution for ``source="auto"``, first match wins:
 
 1. a known alias (``known_aliases()``);
-2. an existing directory with ``config.json`` -> Hugging Face;
+2. an existing directory with ``config.json`` -> Hugging Face; a GGUF file (llama.cpp) -> converted
+   once to a Hugging Face directory in the cache (``gguf_cache``), then loaded from there;
 3. a timm architecture name (``timm.list_models()``, optionally with a
    ``.pretrained_tag``) -> timm, weights from ``weights``;
 4. a hub id already in the local Hugging Face cache -> Hugging Face.
@@ -20,7 +21,7 @@ from ..errors import TuneforgeError, suggest
 from .aliases import ALIASES
 from .info import LoadedModel
 
-SOURCES = ("auto", "alias", "hf", "timm")
+SOURCES = ("auto", "alias", "hf", "timm", "gguf")
 
 
 def _timm_names() -> list[str]:
@@ -40,8 +41,8 @@ def _unknown(name: str) -> TuneforgeError:
     return TuneforgeError(
         f"model '{name}' is not a known alias, a local directory, a timm architecture, or a model in the "
         f"local Hugging Face cache{hint}; known aliases: {aliases}. Set model.name to an alias, to a local "
-        "directory holding a Hugging Face model (config.json + weights + tokenizer), or to a timm "
-        "architecture with model.weights pointing at a local weights file (tuneforge never downloads)"
+        "directory holding a Hugging Face model (config.json + weights + tokenizer), to a local .gguf file, or to "
+        "a timm architecture with model.weights pointing at a local weights file (tuneforge never downloads)"
     )
 
 
@@ -70,12 +71,14 @@ def load_model(
     if source == "auto":
         source = _resolve_source(name)
 
-    if load_in_4bit and source in ("timm", "alias"):
-        raise TuneforgeError(f"model.load_in_4bit applies to Hugging Face models loaded from a directory, not to '{name}'")
-    if causal_lm and source in ("timm", "alias"):
+    llm_alias = source == "alias" and name in ALIASES and ALIASES[name].is_llm
+    if load_in_4bit and (source == "timm" or (source == "alias" and not llm_alias)):
+        raise TuneforgeError(f"model.load_in_4bit applies to Hugging Face language models, not to '{name}'")
+    if causal_lm and (source == "timm" or (source == "alias" and not llm_alias)):
+        llms = ", ".join(n for n, a in ALIASES.items() if a.is_llm)
         raise TuneforgeError(
-            f"'{name}' is not a causal language model; causal-lm and preference tasks need a Hugging Face "
-            "decoder (Llama, Qwen, GPT-2, ...) in a local directory: set model.name to that directory")
+            f"'{name}' is not a causal language model; causal-lm and preference tasks need a decoder (Llama, Qwen, "
+            f"GPT-2, ...): set model.name to an LLM alias ({llms}), a local Hugging Face directory or a .gguf file")
     if source == "timm":
         return load_timm(name, weights=weights, key_map=key_map, pretrained=pretrained)
 
@@ -90,7 +93,12 @@ def load_model(
             raise TuneforgeError(
                 f"unknown model alias '{name}'{suggest(name, ALIASES)}; known aliases: {', '.join(sorted(ALIASES))}"
             )
+        if ALIASES[name].is_llm:
+            return ALIASES[name].load(name, pretrained, causal_lm=causal_lm, load_in_4bit=load_in_4bit)
         return ALIASES[name].load(name, pretrained)
+    if source == "gguf":
+        return load_gguf_file(name, trust_remote_code=trust_remote_code, pretrained=pretrained, causal_lm=causal_lm,
+                              load_in_4bit=load_in_4bit)
     # source == "hf": a directory, else a hub id that must already be cached
     path = Path(name).expanduser()
     if not path.exists():
@@ -115,8 +123,12 @@ def _resolve_source(name: str) -> str:
     if path.is_dir():
         return "hf"  # load_hf explains what a directory without config.json lacks
     if path.is_file():
+        from .gguf_import import is_gguf
+
+        if is_gguf(path) or path.suffix.lower() == ".gguf":
+            return "gguf"  # a .gguf that is not one gets its own error when it loads
         raise TuneforgeError(
-            f"model.name '{name}' is a file; for a timm model set model.name to its architecture "
+            f"model.name '{name}' is a file but not a GGUF one; for a timm model set model.name to its architecture "
             "(e.g. efficientnet_lite0) and model.weights to this file; for a Hugging Face model "
             "set model.name to the directory that holds config.json"
         )
@@ -127,10 +139,32 @@ def _resolve_source(name: str) -> str:
     raise _unknown(name)
 
 
+def load_gguf_file(name: str, *, trust_remote_code: bool = False, pretrained: bool = True, causal_lm: bool = False,
+                   load_in_4bit: bool = False) -> LoadedModel:
+    """A local GGUF file: checked (magic, architecture, tokenizer), converted once into the cache, loaded."""
+    from .gguf_cache import GgufSource, cached_model_dir
+    from .gguf_import import check_readable, read_header
+    from .hf import load_hf
+
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise TuneforgeError(f"GGUF file {path} does not exist; set model.name to the path of a .gguf file")
+    check_readable(read_header(path))
+    directory = cached_model_dir(GgufSource.file(path))
+    loaded = load_hf(directory, label=f"GGUF {path.resolve()} (converted: {directory})",
+                     trust_remote_code=trust_remote_code, pretrained=pretrained, causal_lm=causal_lm,
+                     load_in_4bit=load_in_4bit)
+    loaded.info.spec["gguf_source"] = str(path.resolve())
+    return loaded
+
+
 def from_spec(spec: dict, *, trust_remote_code: bool | None = None) -> LoadedModel:
     """Rebuild the architecture recorded in ``ModelInfo.spec`` with random weights
-    (the caller then loads its fine-tuned state dict)."""
+    (the caller then loads its fine-tuned state dict). A model converted from GGUF whose cached
+    copy is gone is converted again from its alias or file."""
     kind = spec.get("kind")
+    if kind == "hf" and spec.get("gguf_source") and not Path(spec["config_dir"]).is_dir():
+        return load_model(spec["gguf_source"], pretrained=False)
     if kind == "timm":
         return load_model(spec["arch"], source="timm", pretrained=False)
     if kind == "hf":

@@ -56,6 +56,8 @@ def read_data(job) -> None:
     from ..tasks import get_task
     from ..tasks.base import canonical_label
 
+    from rich.markup import escape
+
     recipe, log = job.recipe, job.log
     job.task = task = get_task(recipe)
     data = recipe.data
@@ -69,7 +71,9 @@ def read_data(job) -> None:
             raise TuneforgeError(f"data.{split} path '{path}' does not exist (relative paths start at {Path.cwd()})")
         limit = data.max_train_rows if split == "train" else data.max_eval_rows
         job.skipped[split] = []
-        job.splits[split] = task.read(split, path, limit=limit, skipped=job.skipped[split])
+        # notes quote the data (field names like conversations[from=gpt]): plain text, never rich markup
+        job.splits[split] = task.read(split, path, limit=limit, skipped=job.skipped[split],
+                                      log=lambda note: log(escape(note)))
         job.rows[split] = len(job.splits[split])
     splits = job.splits
     if "validation" not in splits:

@@ -37,7 +37,7 @@ class CausalLMOptions(TaskOptions):
     """Supervised / instruction fine-tuning and continued pre-training of a decoder LLM on chat, prompt-completion, Alpaca or plain-text data: next-token loss (on the replies by default) through the model's own LM head; no new weights on top."""
 
     type: str = Field("causal-lm", description=TYPE_DOC)
-    format: Literal["auto", "chat", "prompt-completion", "alpaca", "text"] = Field("auto", description="causal-lm data shape: chat {messages: [{role, content}]}, prompt-completion {prompt, completion}, alpaca {instruction, input, output}, text {text} or a .txt file; auto detects it per record.")
+    format: Literal["auto", "chat", "sharegpt", "prompt-completion", "alpaca", "text"] = Field("auto", description="causal-lm data shape: chat {messages: [{role, content}]}, sharegpt {conversations: [{from: human|gpt|system, value}], system?} (LLaMA-Factory), prompt-completion {prompt, completion}, alpaca {instruction, input, output}, text {text} or a .txt file; auto detects it per record.")
     chat_template: ChatTemplate = "auto"
     train_on: Literal["completion", "last-turn", "all"] = Field("completion", description="causal-lm: which tokens carry loss: every assistant reply (completion), only the last one, or the whole text including prompts.")
     packing: bool = Field(True, description="causal-lm: pack several short examples into each row of max_length tokens; each example attends only to itself (position ids restart, block-diagonal attention), so the loss is the same as unpacked, with far less padding.")
@@ -117,12 +117,12 @@ class CausalLMTask:
         self.template_name: str | None = None
 
     # -- data ----------------------------------------------------------------------------
-    def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
+    def read(self, split: str, path: str, *, limit: int | None, skipped: list, log=None) -> list:
         from ..llm.formats import read_lm_records
 
         data = self.recipe.data
         return read_lm_records(path, fmt=self.recipe.task.format, text_key=data.text_column, limit=limit,
-                               on_bad_record=data.on_bad_record, skipped=skipped, encoding=data.encoding)
+                               on_bad_record=data.on_bad_record, skipped=skipped, encoding=data.encoding, log=log)
 
     def record_labels(self, record) -> list:
         return []

@@ -61,7 +61,7 @@ class ImageClassification(ClassificationTask):
         super().__init__(recipe)
         self.preprocessing: dict = {}
 
-    def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
+    def read(self, split: str, path: str, *, limit: int | None, skipped: list, log=None) -> list:
         from ..data.images import filter_readable_images, read_image_records
 
         data = self.recipe.data

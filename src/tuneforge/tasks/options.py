@@ -104,15 +104,18 @@ Generation = Annotated[GenerationSection, Field(default_factory=GenerationSectio
 # --------------------------------------------------------------------------- rules shared by every task
 
 def refuse_encoder_alias(recipe, needs: str, otherwise: str = "") -> None:
-    """Every bundled alias is an encoder (text or image): refuse one where a decoder LM is needed.
-    ``needs`` ends "... but <needs> a decoder language model"; ``otherwise`` offers another way."""
+    """Refuse an encoder alias (text or image) where a decoder LM is needed; the LLM aliases
+    (``Alias.kind == "causal-lm"``) pass. ``needs`` ends "... but <needs> a decoder language model";
+    ``otherwise`` offers another way."""
     from ..models.aliases import ALIASES
 
     alias = ALIASES.get(recipe.model.name)
-    if alias is not None:
+    if alias is not None and not alias.is_llm:
+        llms = ", ".join(n for n, a in ALIASES.items() if a.is_llm)
         raise ValueError(
             f"model '{recipe.model.name}' is a {alias.modality} encoder, but {needs} a decoder language model: "
-            f"set model.name to a local Hugging Face directory of a Llama, Qwen, GPT-2 (or similar) model{otherwise}")
+            f"set model.name to an LLM alias ({llms}), a local .gguf file or a local Hugging Face directory of a "
+            f"Llama, Qwen, GPT-2 (or similar) model{otherwise}")
 
 
 def check_task_fit(recipe) -> None:

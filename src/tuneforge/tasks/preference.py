@@ -200,12 +200,12 @@ class PreferenceTask(CausalLMTask):
         self.reference_info: dict = {}
 
     # -- data ----------------------------------------------------------------------------
-    def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
+    def read(self, split: str, path: str, *, limit: int | None, skipped: list, log=None) -> list:
         from ..llm.formats import read_lm_records
 
         data = self.recipe.data
         return read_lm_records(path, limit=limit, on_bad_record=data.on_bad_record, skipped=skipped,
-                               encoding=data.encoding, preference=True)
+                               encoding=data.encoding, preference=True, log=log)
 
     def _encode(self, prompt: list[dict], reply: list[dict]) -> tuple[list[int], list[int]]:
         """Prompt + reply -> ids and labels, loss on the reply's assistant turns only (not on

@@ -115,7 +115,7 @@ class TextClassification(ClassificationTask):
         """The activation caches store a head's input; label-words has no separate head."""
         return self.has_task_head
 
-    def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
+    def read(self, split: str, path: str, *, limit: int | None, skipped: list, log=None) -> list:
         from ..data.records import read_records
 
         data = self.recipe.data

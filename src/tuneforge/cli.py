@@ -510,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default=None, help="run directory")
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.set_defaults(fn=cmd_demo)
+
+    from .service.cli import add_parser as add_service_parser
+
+    add_service_parser(sub)  # tuneforge service start | worker | keys | migrate
     return p
 
 

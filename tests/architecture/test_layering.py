@@ -2,7 +2,7 @@
 
     face      tuneforge/__init__.py, __main__.py, cli.py      may import anything
     schema    recipe.py                                      floors 0-1 (the recipe language)
-    floor 3   deploy/, workflows/                            floors 0-2 and the schema
+    floor 3   deploy/, workflows/, service/                  floors 0-2 and the schema
     floor 2   run/                                           floors 0-1 and the schema
     floor 1   data, models, modalities, llm, tasks,          floors 0-1
               strategies, engine, speed, evaluation
@@ -27,7 +27,7 @@ FLOOR = {"face": 4, "floor3": 3, "floor2": 2, "schema": 1.5, "floor1": 1, "floor
 UNITS = {
     "tuneforge": "face", "__main__": "face", "cli": "face",
     "recipe": "schema",
-    "deploy": "floor3", "workflows": "floor3",
+    "deploy": "floor3", "workflows": "floor3", "service": "floor3",
     "run": "floor2",
     "data": "floor1", "models": "floor1", "modalities": "floor1", "llm": "floor1", "tasks": "floor1",
     "strategies": "floor1", "engine": "floor1", "speed": "floor1", "evaluation": "floor1",

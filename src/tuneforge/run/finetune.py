@@ -45,12 +45,14 @@ class RunResult:
 
 def finetune(recipe: Recipe | dict | str | Path | None = None, *, overrides: list[str] | None = None, console=None,
              argv: list[str] | None = None, overwrite: bool | None = None, resume: str | None = None,
-             init_from: str | None = None) -> RunResult:
+             init_from: str | None = None, callbacks: list | None = None) -> RunResult:
     """Run a recipe end to end; return a :class:`RunResult`.
 
     ``resume``: a run directory (or ``"auto"``) to continue exactly from its newest valid
     checkpoint; with a run directory the recipe may be left out (the run's own is used).
     ``init_from``: a run directory whose final weights start a new run.
+    ``callbacks``: more engine callbacks (``engine/callbacks.py``; each declares its ``order``),
+    e.g. the job service's, which streams metrics into its database and stops a cancelled job.
     """
     from rich.console import Console
 
@@ -65,7 +67,7 @@ def finetune(recipe: Recipe | dict | str | Path | None = None, *, overrides: lis
     console = console if console is not None else Console(stderr=True)
     loaded = load_recipe(recipe, overrides) if recipe is not None else recipe_of_run(Path(resume), overrides)
     job = Job(loaded, origin=origin, argv=argv, overwrite=overwrite, resume=resume, init_from=init_from,
-              console=console, log=Log(console))
+              console=console, log=Log(console), callbacks=list(callbacks or ()))
     try:
         resolve_compute(job)
         apply_speedups(job, "start")

@@ -48,6 +48,7 @@ class Job:
     overwrite: bool | None = None            # replace an existing run directory (None: the recipe's output.overwrite)
     resume: str | None = None                # a run directory or "auto": continue it exactly
     init_from: str | None = None             # a run directory whose final weights start this run
+    callbacks: list = field(default_factory=list)  # the caller's own callbacks (the job service's events, its stop)
     console: Any = None
     log: Callable[[str], None] = print
     # -- where and how it computes

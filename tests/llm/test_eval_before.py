@@ -85,6 +85,10 @@ def test_causal_lm_run_reports_before_and_after(lm_dir, tmp_path):
     assert len(rows) == 8 and all("greedy_before" in r and r["group"] in gen["groups"] for r in rows)
     before_rows = [json.loads(line) for line in (run.path / "generations-before.jsonl").read_text().splitlines()]
     assert [r["greedy"] for r in before_rows] == [r["greedy_before"] for r in rows]
+    from tuneforge.evaluation.report import write_report
+
+    page = write_report(run.path).read_text()  # the report shows both: the metrics and the generation scores
+    assert "validation before (step 0)" in page and "reverse" in page and ">before<" in page
 
 
 def test_summary_says_before_to_after_and_when_training_did_not_help():

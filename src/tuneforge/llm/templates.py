@@ -98,7 +98,10 @@ class Template:
         if messages and messages[0]["role"] == "text":
             add(self.bos + messages[0]["content"] + self.eos)
             return "".join(parts), spans
-        add(self.bos)
+        first = messages[0]["content"] if messages else ""
+        # a prompt rendered by the model's own template may open with the BOS already (SmolLM2's
+        # BOS is "<|im_start|>"): a second one would be a token the model never saw there
+        add("" if self.bos and first.startswith(self.bos) else self.bos)
         system = None
         for i, m in enumerate(messages):
             role, content = m["role"], m["content"]
@@ -140,7 +143,13 @@ class Template:
                 raise TuneforgeError("the tokenizer's chat template renders a conversation differently from its "
                                      "prefixes, so the assistant replies cannot be located for loss masking; set "
                                      "task.chat_template to chatml or llama")
-            spans.append((len(prefix), len(upto)))
+            end = len(upto)
+            eos_at = text.rfind(self.eos, len(prefix), end) if self.eos else -1
+            if eos_at >= 0 and not text[eos_at + len(self.eos):end].strip():
+                # what the template writes after the turn's EOS ("<|im_end|>\n" in ChatML-style
+                # templates such as SmolLM2's) is the template's separator, not the model's to learn
+                end = eos_at + len(self.eos)
+            spans.append((len(prefix), end))
         if spans and self.eos not in text[spans[-1][0]:spans[-1][1]]:
             # a template whose turns end without EOS would train a model that never stops
             text = text[: spans[-1][1]] + self.eos + text[spans[-1][1]:]

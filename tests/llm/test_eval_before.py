@@ -178,3 +178,24 @@ def test_gradient_checkpointing_auto_rule(lm_dir):
     assert Checkpointing().applies(job(10**7, 10**4))[0] is True  # activations beyond any machine's memory: on
     assert load_recipe({"train": {"gradient_checkpointing": True}}).train.gradient_checkpointing is True
     assert load_recipe({}).train.gradient_checkpointing == "auto"
+
+
+# --------------------------------------------------------------------------- ChatML-style templates whose EOS is <|im_end|>
+
+def test_smollm2_style_template_masks_the_separator_and_adds_no_second_bos(tmp_path):
+    """SmolLM2's tokenizer: BOS <|im_start|>, EOS <|im_end|>, a Jinja template writing
+    "<|im_end|>\\n" after each turn. The newline is the template's, not the model's to learn."""
+    from tuneforge.llm.templates import IGNORE, Template
+
+    jinja = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = make_tokenizer(tmp_path, corpus_text(), chat_template=jinja)
+    tok.bos_token, tok.eos_token = "<|im_start|>", "<|im_end|>"
+    chat = [{"role": "user", "content": "reverse abc"}, {"role": "assistant", "content": "cba"},
+            {"role": "user", "content": "reverse dge"}, {"role": "assistant", "content": "egd"}]
+    ids, labels = Template("tokenizer", tok).encode(Template("tokenizer", tok).render(chat))
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE]) == "cba<|im_end|>egd<|im_end|>"
+    for name in ("chatml", "none"):
+        text = Template(name, tok).render(chat).text if name == "chatml" else Template(name, tok).render(
+            [{"role": "user", "content": Template("tokenizer", tok).prompt(chat[:1])}, chat[1]]).text
+        assert text.startswith("<|im_start|>") and not text.startswith("<|im_start|><|im_start|>"), (name, text)

@@ -171,7 +171,7 @@ def evaluate_generation(model, task, records, path: Path, device, autocast, gen,
             f.write(json.dumps(row) + "\n")
     tmp.replace(path)  # atomic: never half a file
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    by_group = "; ".join(f"[{name}] exact_match {g['greedy']['exact_match']}"
+    by_group = "; ".join(f"{name} exact_match {g['greedy']['exact_match']}"
                          for name, g in result.get("groups", {}).items())
     log(f"generation{' ' + when if when else ''} on {len(prompts)} validation prompts: greedy " + ", ".join(
         f"{k} {v}" for k, v in result["greedy"].items()) + (

@@ -98,10 +98,11 @@ class Template:
         if messages and messages[0]["role"] == "text":
             add(self.bos + messages[0]["content"] + self.eos)
             return "".join(parts), spans
-        first = messages[0]["content"] if messages else ""
-        # a prompt rendered by the model's own template may open with the BOS already (SmolLM2's
-        # BOS is "<|im_start|>"): a second one would be a token the model never saw there
-        add("" if self.bos and first.startswith(self.bos) else self.bos)
+        # What the text opens with may be the BOS already (SmolLM2's BOS is "<|im_start|>", which
+        # opens every ChatML turn; a prompt rendered by the model's own template starts with it):
+        # a second one in front would be a token the model never saw there.
+        opener = {"chatml": "<|im_start|>", "llama": "[INST]"}.get(self.name, messages[0]["content"] if messages else "")
+        add("" if self.bos and opener.startswith(self.bos) else self.bos)
         system = None
         for i, m in enumerate(messages):
             role, content = m["role"], m["content"]

@@ -63,7 +63,7 @@ def before_after(final: dict, minimize: bool) -> list[str]:
         for group, scores in (gen.get("groups") or {}).items():
             was = (gen["before"].get("groups") or {}).get(group)
             if was:
-                lines.append(f"generation [{group}] before -> after ({scores['prompts']} prompts, greedy): " + ", ".join(
+                lines.append(f"generation ({group}) before -> after ({scores['prompts']} prompts, greedy): " + ", ".join(
                     f"{k} {was['greedy'][k]:g} -> {v:g}" for k, v in scores["greedy"].items() if k in was["greedy"]))
     b, a = before.get(metric), after.get(metric)
     if isinstance(b, (int, float)) and isinstance(a, (int, float)) and not (a < b if minimize else a > b):

@@ -2,6 +2,9 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sft.py                 # full + lora, ~10 min on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sft.py --examples 300 --strategies full   # smoke run
+    # real weights: SmolLM2-135M-Instruct (a local HF directory) on Alpaca rows, its own chat template
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sft.py --model /work/models/smollm2-135m-hf \
+        --alpaca ../shared/data/instruct/alpaca_en_demo.json --examples 96 --eval-examples 32 --rounds 2
 
 Needs the ``bench`` extra (``pip install -e .[bench]``: TRL). Fully offline; generated here:
 
@@ -13,6 +16,13 @@ Needs the ``bench`` extra (``pip install -e .[bench]``: TRL). Fully offline; gen
 * a byte-level BPE tokenizer trained on that data (no BOS token, so both sides tokenise a
   prompt + completion + EOS into the same ids) and a random-init Llama saved once; both
   contenders load the same weights.
+
+With ``--model DIR --alpaca FILE`` (real weights) the model is that directory (e.g. SmolLM2-135M-
+Instruct) and the data are Alpaca rows: the prompt is the instruction (and input) rendered by the
+model's own chat template with its generation prompt, the completion the reply (both sides then
+append the tokenizer's EOS, ``<|im_end|>`` for SmolLM2, and tokenise the same text the same way);
+the first ``--examples`` rows that fit ``--max-length`` train, the next ``--eval-examples`` are held
+out. Default rates there: full 5e-5, LoRA 1e-3.
 
 For each strategy (full, lora) runs, one after the other, each in its own process:
 ``tuneforge`` (``tuneforge train``, task causal-lm, packing on) and ``trl`` (``trl_sft.py``:
@@ -36,6 +46,7 @@ import common  # noqa: E402
 
 CONTENDERS = ("tuneforge", "trl")
 DEFAULT_LR = {"full": 1e-3, "lora": 2e-3}
+REAL_LR = {"full": 5e-5, "lora": 1e-3}  # pretrained weights: full fine-tuning moves every weight, far less far
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.05,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
@@ -87,8 +98,58 @@ def make_example(rng: random.Random, words: list[str]) -> dict:
     return {"prompt": prompt, "completion": " " + " ".join(reply)}
 
 
+def make_real_data(args, work: Path) -> dict:
+    """``--model`` / ``--alpaca``: Alpaca rows as prompt/completion pairs in the model's own chat
+    template; the first ``--examples`` that fit ``--max-length`` train, the next ``--eval-examples`` validate."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    eos = tok.eos_token_id
+    rows = json.loads(Path(args.alpaca).read_text(encoding="utf-8"))
+    kept, lengths, targets = [], [], []
+    for r in rows:
+        user = r["instruction"].strip() + (f"\n\n{r['input'].strip()}" if r.get("input", "").strip() else "")
+        prompt = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        e = {"prompt": prompt, "completion": r["output"].strip()}
+        ids = tok(e["prompt"] + e["completion"], add_special_tokens=False)["input_ids"] + [eos]
+        if len(ids) <= args.max_length:
+            kept.append(e)
+            lengths.append(len(ids))
+            targets.append(len(ids) - len(tok(e["prompt"], add_special_tokens=False)["input_ids"]))
+        if len(kept) == args.examples + args.eval_examples:
+            break
+    if len(kept) < args.examples + args.eval_examples:
+        raise SystemExit(f"only {len(kept)} Alpaca rows fit --max-length {args.max_length}; lower --examples")
+    n = args.examples
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    train, dev = data / "train.jsonl", data / "validation.jsonl"
+    train.write_text("".join(json.dumps(e) + "\n" for e in kept[:n]))
+    dev.write_text("".join(json.dumps(e) + "\n" for e in kept[n:]))
+    params = 0
+    for f in Path(args.model).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            params += sum(_numel(st.get_slice(k).get_shape()) for k in st.keys())
+    lens = sorted(lengths[:n])
+    return {"train": train, "validation": dev, "model_dir": Path(args.model), "parameters": params, "vocab": len(tok),
+            "train_examples": n, "eval_examples": args.eval_examples, "real_weights": True,
+            "real_tokens_per_epoch": sum(lengths[:n]), "target_tokens_per_epoch": sum(targets[:n]),
+            "length_percentiles": {p: lens[min(len(lens) - 1, int(p / 100 * len(lens)))] for p in (5, 25, 50, 75, 95)},
+            "length_max": lens[-1]}
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
 def make_data(args, work: Path) -> dict:
     """Train/validation JSONL, tokenizer and a random-init Llama in ``work``; every example fits max_length."""
+    if args.model:
+        return make_real_data(args, work)
     rng = random.Random(args.seed)
     words = make_vocabulary(rng)
     pool = [make_example(rng, words) for _ in range(int((args.examples + args.eval_examples) * 1.3) + 50)]
@@ -167,7 +228,8 @@ def tuneforge_recipe(args, strategy: str, lr: float, d: dict, run_name: str) -> 
         "strategy": strat,
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": args.batch_size,
                   "lr": lr, "schedule": "linear", "warmup": args.warmup, "weight_decay": 0.01,
-                  "max_grad_norm": 1.0, "seed": args.seed, "log_every": 10, "progress": False},
+                  "max_grad_norm": 1.0, "seed": args.seed, "log_every": 10, "progress": False,
+                  "eval_before": False},  # TRL evaluates nothing before training: the same work on both sides
         "output": {"name": run_name, "report": False},
     }
 
@@ -192,6 +254,24 @@ def train_losses(row: dict, run_dir: Path) -> dict:
     return {"mean_train_loss": row.get("train_loss_mean"), "final_train_loss": history[-1]["loss"] if history else None}
 
 
+def median_rows(rows: list[dict]) -> list[dict]:
+    """Per (strategy, contender), the median over rounds of every figure in the table."""
+    import statistics
+
+    out = []
+    for key in dict.fromkeys((r["strategy"], r["contender"]) for r in rows):
+        group = [r for r in rows if (r["strategy"], r["contender"]) == key and r.get("ok")]
+        if not group:
+            continue
+        row = {"ok": True, "strategy": key[0], "contender": key[1], "rounds": len(group)}
+        for _, field, _ in COLUMNS:
+            values = [r[field] for r in group if isinstance(r.get(field), (int, float))]
+            if values and field not in ("contender", "strategy"):
+                row[field] = statistics.median(values)
+        out.append(row)
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=2500, help="training examples")
@@ -207,10 +287,19 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for every contender (default: unset, torch uses one thread per core); "
                         "on a machine other jobs keep busy, 1 thread is steadier and was 2-3x faster here")
-    p.add_argument("--lr-full", type=float, default=DEFAULT_LR["full"])
-    p.add_argument("--lr-lora", type=float, default=DEFAULT_LR["lora"])
+    p.add_argument("--lr-full", type=float, default=None, help=f"default {DEFAULT_LR['full']} ({REAL_LR['full']} with --model)")
+    p.add_argument("--lr-lora", type=float, default=None, help=f"default {DEFAULT_LR['lora']} ({REAL_LR['lora']} with --model)")
+    p.add_argument("--model", default=None, help="real weights: a local Hugging Face causal-LM directory (needs --alpaca)")
+    p.add_argument("--alpaca", default=None, help="with --model: an Alpaca JSON file ({instruction, input, output} rows)")
+    p.add_argument("--rounds", type=int, default=1, help="run every contender this many times, interleaved (A B A B)")
     common.add_common_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if bool(args.model) != bool(args.alpaca):
+        p.error("--model and --alpaca go together (real weights on Alpaca rows)")
+    rates = REAL_LR if args.model else DEFAULT_LR
+    args.lr_full = args.lr_full or rates["full"]
+    args.lr_lora = args.lr_lora or rates["lora"]
+    return args
 
 
 def main(argv=None) -> int:
@@ -233,34 +322,41 @@ def main(argv=None) -> int:
           flush=True)
 
     rows = []
-    for strategy in strategies:
-        lr = args.lr_full if strategy == "full" else args.lr_lora
-        for contender in contenders:
-            name = f"{contender}-{strategy}"
-            if contender == "tuneforge":
-                row = common.run_tuneforge(name, tuneforge_recipe(args, strategy, lr, d, name), work)
-            else:
-                row = common.run_worker(name, "trl_sft.py", trl_config(args, strategy, lr, d, work.runs / name), work)
-            row.update(contender=contender, strategy=strategy, lr=lr)
-            common.add_rates(row, samples, tokens)
-            if row.get("ok"):
-                row.update(train_losses(row, work.runs / name))
-            rows.append(row)
+    for round_ in range(1, args.rounds + 1):  # interleaved: A B A B, so a change in load hits both sides
+        for strategy in strategies:
+            lr = args.lr_full if strategy == "full" else args.lr_lora
+            for contender in contenders:
+                name = f"{contender}-{strategy}" + (f"-r{round_}" if args.rounds > 1 else "")
+                if contender == "tuneforge":
+                    row = common.run_tuneforge(name, tuneforge_recipe(args, strategy, lr, d, name), work)
+                else:
+                    row = common.run_worker(name, "trl_sft.py", trl_config(args, strategy, lr, d, work.runs / name),
+                                            work)
+                row.update(contender=contender, strategy=strategy, lr=lr, round=round_, loadavg_end=common.loadavg())
+                common.add_rates(row, samples, tokens)
+                if row.get("ok"):
+                    row.update(train_losses(row, work.runs / name))
+                rows.append(row)
     common.add_ratios(rows)
     for row in rows:  # tokens/s of tuneforge over the contender's: > 1 means tuneforge is faster
         ref = next((r for r in rows if r["strategy"] == row["strategy"] and r["contender"] == "tuneforge"
-                    and r.get("ok")), None)
+                    and r.get("round") == row.get("round") and r.get("ok")), None)
         if ref and row.get("ok") and row.get("real_tokens_per_s"):
             row["x_real_tokens_per_s"] = round(row["real_tokens_per_s"] / ref["real_tokens_per_s"], 3)
             row["tuneforge_speedup"] = round(ref["real_tokens_per_s"] / row["real_tokens_per_s"], 3)
     work.cleanup()
 
-    title = (f"sft: random Llama {d['parameters'] / 1e6:.1f}M, {d['train_examples']} examples x {args.epochs:g} "
+    medians = median_rows(rows) if args.rounds > 1 else []
+    what = f"{Path(args.model).name} (real weights)" if args.model else "random Llama"
+    title = (f"sft: {what} {d['parameters'] / 1e6:.1f}M, {d['train_examples']} examples x {args.epochs:g} "
              f"epoch(s), packed rows of {args.max_length}, batch {args.batch_size}, seed {args.seed}  "
              f"(load avg {common.loadavg()})")
     common.print_table(title, rows, COLUMNS)
-    common.write_json(args.output or common.default_output("sft", when), {
-        "benchmark": "sft", "timestamp": when, "args": vars(args), "machine": machine,
+    if medians:
+        common.print_table(f"median of {args.rounds} rounds", medians, COLUMNS)
+    name = "sft-real" if args.model else "sft"
+    common.write_json(args.output or common.default_output(name, when), {
+        "benchmark": name, "timestamp": when, "args": vars(args), "machine": machine, "medians": medians,
         "data": {k: str(v) if isinstance(v, Path) else v for k, v in d.items()},
         "workdir": str(work.path), "results": rows, "loadavg_at_end": common.loadavg(),
     })

@@ -36,7 +36,10 @@ def cmd_train(args) -> int:
 
 def _print_final(metrics: dict) -> None:
     splits = [s for s in ("validation", "test") if s in metrics]
-    _print_metrics(f"final metrics (best step {metrics.get('best_step')})", {s: metrics[s] for s in splits})
+    columns = {s: metrics[s] for s in splits}
+    if "before" in metrics:  # train.eval_before: the starting weights' validation figures beside the final ones
+        columns["validation before (step 0)"] = metrics["before"]
+    _print_metrics(f"final metrics (best step {metrics.get('best_step')})", columns)
 
 
 def _print_metrics(title: str, columns: dict[str, dict]) -> None:
@@ -340,6 +343,17 @@ def cmd_make_tiny_lm(args) -> int:
     return 0
 
 
+def cmd_make_sft_data(args) -> int:
+    from .llm.skills import make_sft_data
+
+    counts = make_sft_data(args.alpaca, args.out, holdout=args.holdout, skill=args.skill,
+                           skill_train=args.skill_train, skill_eval=args.skill_eval, seed=args.seed)
+    print(f"wrote {counts['out']}/train.jsonl ({counts['alpaca_train']} Alpaca + {args.skill_train} {args.skill} "
+          f"chat records) and validation.jsonl ({counts['alpaca_validation']} + {args.skill_eval}), each tagged with "
+          "'source'; try: tuneforge train recipes/sft-smollm2-lora.yaml")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .workflows.demo import run_demo
 
@@ -498,6 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--family", choices=["llama", "gpt2"], default="llama")
     tl.add_argument("--seed", type=int, default=0)
     tl.set_defaults(fn=cmd_make_tiny_lm)
+
+    sd = sub.add_parser("make-sft-data", help="Alpaca JSON -> chat train/validation JSONL with a verifiable skill "
+                                              "mixed in (scored by exact match; for the SmolLM2 SFT recipes)")
+    sd.add_argument("alpaca", help="a JSON array of {instruction, input, output} records")
+    sd.add_argument("--out", default="sft-data", help="folder for train.jsonl and validation.jsonl (default: sft-data)")
+    sd.add_argument("--holdout", type=int, default=100, help="Alpaca rows held out for validation (the last ones)")
+    sd.add_argument("--skill", choices=["json-extract"], default="json-extract",
+                    help="the verifiable skill (tuneforge.llm.skills)")
+    sd.add_argument("--skill-train", type=int, default=200, help="skill rows mixed into train")
+    sd.add_argument("--skill-eval", type=int, default=32, help="skill rows held out (scored by exact match)")
+    sd.add_argument("--seed", type=int, default=0, help="seeds the skill rows and the shuffle")
+    sd.set_defaults(fn=cmd_make_sft_data)
 
     o = sub.add_parser("options", help="print every recipe option with its default and description (Markdown)")
     o.set_defaults(fn=cmd_options)

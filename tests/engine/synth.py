@@ -31,6 +31,7 @@ class SynthConfig:
     max_grad_norm: Optional[float] = None
     on_nonfinite: str = "error"
     eval_every: Optional[int] = None
+    eval_before: bool = False
     log_every: int = 1
 
 

@@ -128,7 +128,13 @@ class BestCheckpoint(Callback):
 
     Declared output, for the callbacks ordered after it: ``trainer.state.best_metric`` and
     ``trainer.state.best_step`` (the step of the best evaluation so far), written in
-    ``on_eval_end``; ``trainer.state.improved()`` says whether this step's evaluation is it."""
+    ``on_eval_end``; ``trainer.state.improved()`` says whether this step's evaluation is it.
+
+    The evaluation of the starting weights (``train.eval_before``, step 0) is a baseline, not a
+    candidate: a run always ends with weights it trained (a LoRA run never saves its zero
+    adapter as "best"), and whether training beat the start is said in the run's summary
+    (``run/finish.py``) rather than hidden by handing the start back. Its metric name is
+    checked all the same, so a wrong ``metric_for_best`` fails before the first step."""
 
     order = BEST
 
@@ -153,6 +159,8 @@ class BestCheckpoint(Callback):
             raise TuneforgeError(f"train.metric_for_best '{self.metric}' is undefined on this validation split "
                                  "(some class has no examples, or every example); pick another metric or a "
                                  "validation split that holds every class")
+        if trainer.state.step == 0:  # the starting weights (train.eval_before): the baseline, never the best
+            return
         # Forgetting budget (retain.max_drop): an evaluation over budget is never preferred to one
         # within it; until one is within it, the least-forgetting one is kept (a run always has a best).
         eligible = metrics.get("within_forgetting_budget") is not False
@@ -208,7 +216,8 @@ class ResumeCheckpoint(Callback):
             self.save(trainer)
 
     def on_eval_end(self, trainer, metrics: dict) -> None:
-        self.save(trainer)
+        if trainer.state.step:  # step 0 (train.eval_before): nothing trained yet, nothing to resume
+            self.save(trainer)
 
     def on_checkpoint_request(self, trainer) -> None:
         self.save(trainer)
@@ -224,6 +233,8 @@ class EarlyStopping(Callback):
         self.patience, self.bad = patience, 0
 
     def on_eval_end(self, trainer, metrics: dict) -> None:
+        if trainer.state.step == 0:  # the starting weights (train.eval_before) are not an evaluation of training
+            return
         self.bad = 0 if trainer.state.improved() else self.bad + 1
         if self.bad >= self.patience:
             trainer.state.should_stop = True

@@ -21,6 +21,7 @@ class TrainConfig(Protocol):
     max_grad_norm: Optional[float]  # clip the global gradient norm; None: no clipping
     on_nonfinite: Literal["error", "skip"]  # a NaN/inf loss or gradient: raise, or skip the step
     eval_every: Optional[int]       # evaluate every N steps; None: once per epoch
+    eval_before: Optional[bool]     # evaluate once before the first step (step 0); not when resuming
     log_every: int                  # materialise the training loss (one host sync) every N steps
 
 

@@ -59,7 +59,8 @@ def eval_line(trainer, metrics: dict) -> str:
     first = getattr(trainer.cfg, "metric_for_best", None)
     names = [k for k in dict.fromkeys((first, *_SHOWN)) if k and isinstance(metrics.get(k), (int, float))]
     mark = " *" if trainer.state.improved() else ""
-    return f"step {trainer.state.step} validation: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in names) + mark
+    what = "validation (starting weights)" if trainer.state.step == 0 else "validation"  # train.eval_before
+    return f"step {trainer.state.step} {what}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in names) + mark
 
 
 def speed_text(logs: dict) -> str:

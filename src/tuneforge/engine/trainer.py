@@ -187,6 +187,8 @@ class Trainer:
         s, cfg, plan = self.state, self.cfg, self.plan
         eval_at_epoch_end = cfg.eval_every is None
         self.fire("on_fit_start")
+        if cfg.eval_before and s.step == 0 and not s.evals:  # a resumed run has its step 0 already
+            self.run_eval()  # the starting weights, as step 0: a baseline, never the best (callbacks.py)
         self._mark = (time.perf_counter(), s.examples, s.tokens, s.positions)  # a resumed run measures from here
         while s.step < plan.total_steps and not s.should_stop:
             # Each epoch's order depends only on (seed, epoch); a resumed run skips the

@@ -189,9 +189,29 @@ def _metrics_table(final: dict) -> str:
     if not splits:
         return "<p class='warn'>no final evaluation (the run did not complete)</p>"
     keys = [k for k, v in final[splits[0]].items() if isinstance(v, (int, float)) or (v is None and k == "roc_auc")]
-    rows = [[k] + [final[s].get(k) for s in splits] for k in keys if k not in ("eval_seconds",)]
+    columns = {s: final[s] for s in splits}
+    if "before" in final:  # train.eval_before: the starting weights (step 0) beside the best ones
+        columns = {"validation before (step 0)": final["before"], **columns}
+    rows = [[k] + [c.get(k) for c in columns.values()] for k in keys if k not in ("eval_seconds",)]
     best = f"<p>best step {final.get('best_step')} by <b>{_e(final.get('metric_for_best'))}</b></p>"
-    return best + _table(["metric", *splits], rows)
+    return best + _table(["metric", *columns], rows) + _generation_table(final.get("generation") or {})
+
+
+def _generation_table(gen: dict) -> str:
+    """causal-lm: generation scores on held-out prompts, after training and (train.eval_before) before it,
+    overall and per group (task.generation.group_by)."""
+    if not gen.get("greedy"):
+        return ""
+    parts = [("all", gen, gen.get("before") or {})]
+    parts += [(name, g, ((gen.get("before") or {}).get("groups") or {}).get(name) or {})
+              for name, g in (gen.get("groups") or {}).items()]
+    rows = []
+    for name, after, before in parts:
+        for mode in ("greedy", "sampled"):
+            for k, v in (after.get(mode) or {}).items():
+                rows.append([name, after.get("prompts"), mode, k, (before.get(mode) or {}).get(k), v])
+    return (f"<p>generation on held-out prompts (samples in generations.jsonl)</p>"
+            + _table(["prompts of", "n", "decoding", "score", "before", "after"], rows))
 
 
 def _wrong_examples(items: list[dict]) -> tuple[str, bytes | None]:

@@ -98,7 +98,11 @@ class Template:
         if messages and messages[0]["role"] == "text":
             add(self.bos + messages[0]["content"] + self.eos)
             return "".join(parts), spans
-        add(self.bos)
+        # What the text opens with may be the BOS already (SmolLM2's BOS is "<|im_start|>", which
+        # opens every ChatML turn; a prompt rendered by the model's own template starts with it):
+        # a second one in front would be a token the model never saw there.
+        opener = {"chatml": "<|im_start|>", "llama": "[INST]"}.get(self.name, messages[0]["content"] if messages else "")
+        add("" if self.bos and opener.startswith(self.bos) else self.bos)
         system = None
         for i, m in enumerate(messages):
             role, content = m["role"], m["content"]
@@ -140,7 +144,13 @@ class Template:
                 raise TuneforgeError("the tokenizer's chat template renders a conversation differently from its "
                                      "prefixes, so the assistant replies cannot be located for loss masking; set "
                                      "task.chat_template to chatml or llama")
-            spans.append((len(prefix), len(upto)))
+            end = len(upto)
+            eos_at = text.rfind(self.eos, len(prefix), end) if self.eos else -1
+            if eos_at >= 0 and not text[eos_at + len(self.eos):end].strip():
+                # what the template writes after the turn's EOS ("<|im_end|>\n" in ChatML-style
+                # templates such as SmolLM2's) is the template's separator, not the model's to learn
+                end = eos_at + len(self.eos)
+            spans.append((len(prefix), end))
         if spans and self.eos not in text[spans[-1][0]:spans[-1][1]]:
             # a template whose turns end without EOS would train a model that never stops
             text = text[: spans[-1][1]] + self.eos + text[spans[-1][1]:]

@@ -16,12 +16,18 @@ def finish(job) -> None:
     best = load_best_weights(run.checkpoints, job.model, report=log)  # its sha256 checked first
     final = job.final = {"best_step": best["step"], "metric_for_best": recipe.train.metric_for_best,
                          "validation": trainer.evaluate(job.loaders["validation"], "validation")}
+    start = next((e for e in trainer.state.evals if e["step"] == 0), None)  # train.eval_before
+    if start is not None:
+        final["before"] = {k: v for k, v in start.items() if k != "step"}
     if "test" in job.loaders:
         final["test"] = trainer.evaluate(job.loaders["test"], "test")
     final["labels"] = job.labels.names
     generation = job.task.after_training(job.model, job.splits, run, job.device, job.autocast, log)
-    if generation:  # causal-lm: generation on held-out prompts
+    if generation:  # causal-lm: generation on held-out prompts (with train.eval_before, before and after)
         final["generation"] = generation
+    if start is not None:
+        for line in before_after(final, recipe.train.minimize):
+            log(line)
     for cb in trainer.callbacks:
         summary = cb.summary(final["best_step"])
         if summary is not None:  # forgetting (retain.data)
@@ -37,6 +43,34 @@ def finish(job) -> None:
     if recipe.output.save_model:
         save_model(run.model_dir, model=job.model, loaded=job.loaded, strategy=job.strategy, labels=job.labels,
                    task=job.task, recipe=recipe, merged=merged, warm_started=bool(job.init_from))
+
+
+def before_after(final: dict, minimize: bool) -> list[str]:
+    """The summary of ``train.eval_before``: validation metric_for_best and loss from the starting
+    weights to the saved (best) ones, the generation scores likewise, and a plain warning when
+    training never beat the start (the saved model is still the best trained step: the starting
+    weights are a baseline, not a candidate; engine/callbacks.py)."""
+    metric, before, after = final["metric_for_best"], final["before"], final["validation"]
+    names = [k for k in dict.fromkeys((metric, "loss", "perplexity", "accuracy"))
+             if isinstance(before.get(k), (int, float)) and isinstance(after.get(k), (int, float))]
+    lines = [f"validation before -> after (starting weights -> best step {final['best_step']}): "
+             + ", ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in names)]
+    gen = final.get("generation") or {}
+    if "before" in gen:
+        lines.append("generation before -> after (greedy, " + f"{gen['prompts']} held-out prompts): " + ", ".join(
+            f"{k} {gen['before']['greedy'][k]:g} -> {v:g}" for k, v in gen["greedy"].items()
+            if k in gen["before"]["greedy"]))
+        for group, scores in (gen.get("groups") or {}).items():
+            was = (gen["before"].get("groups") or {}).get(group)
+            if was:
+                lines.append(f"generation ({group}) before -> after ({scores['prompts']} prompts, greedy): " + ", ".join(
+                    f"{k} {was['greedy'][k]:g} -> {v:g}" for k, v in scores["greedy"].items() if k in was["greedy"]))
+    b, a = before.get(metric), after.get(metric)
+    if isinstance(b, (int, float)) and isinstance(a, (int, float)) and not (a < b if minimize else a > b):
+        lines.append(f"[yellow]training did not improve validation {metric} on the starting weights ({b:.4f} before, "
+                     f"{a:.4f} at the best step {final['best_step']}); the saved model is that trained step, not the "
+                     "start — lower train.lr, train longer or check the data[/]")
+    return lines
 
 
 def merge(job):

@@ -16,6 +16,7 @@ full-logits implementation does and never builds the (batch, length, vocab) logi
 
 from __future__ import annotations
 
+import json
 import math
 from typing import ClassVar, Literal
 
@@ -65,10 +66,12 @@ DEFAULT_MAX_LENGTH = 1024
 
 
 class LMExamples(Dataset):
-    """Tokenised (and possibly packed) rows."""
+    """Tokenised (and possibly packed) rows; ``records``: the records they came from (generation
+    evaluation reads their conversations)."""
 
-    def __init__(self, rows: list[dict], where: list[str], examples: int):
+    def __init__(self, rows: list[dict], where: list[str], examples: int, records: list | None = None):
         self.rows, self.where, self.examples = rows, where, examples
+        self.records = records or []
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -121,8 +124,12 @@ class CausalLMTask:
         from ..llm.formats import read_lm_records
 
         data = self.recipe.data
-        return read_lm_records(path, fmt=self.recipe.task.format, text_key=data.text_column, limit=limit,
-                               on_bad_record=data.on_bad_record, skipped=skipped, encoding=data.encoding, log=log)
+        records = read_lm_records(path, fmt=self.recipe.task.format, text_key=data.text_column, limit=limit,
+                                  on_bad_record=data.on_bad_record, skipped=skipped, encoding=data.encoding, log=log)
+        key = self.recipe.task.generation.group_by
+        if key:
+            _tag_groups(records, path, key, data.encoding)
+        return records
 
     def record_labels(self, record) -> list:
         return []
@@ -189,9 +196,9 @@ class CausalLMTask:
                                   "fill": round(tokens / (len(rows) * self.max_length), 4)}
             row_where = [", ".join(where[m] for m in r["members"][:3]) + (" ..." if len(r["members"]) > 3 else "")
                          for r in rows]
-            return LMExamples(rows, row_where, len(examples))
+            return LMExamples(rows, row_where, len(examples), records)
         rows = [{"input_ids": ids, "labels": lab} for ids, lab in examples]
-        return LMExamples(rows, where, len(examples))
+        return LMExamples(rows, where, len(examples), records)
 
     def can_pack(self) -> bool:
         """A strategy that puts virtual tokens in front of each row (prompt and prefix tuning):
@@ -244,7 +251,43 @@ class CausalLMTask:
                 "truncated": dict(self.truncated), "dropped_no_target": dict(self.dropped)}
 
     def before_training(self, model, datasets: dict, device, autocast, run_dir, log) -> None:
-        """Nothing to prepare: the loss needs only the model being trained."""
+        """With ``train.eval_before``: the generation evaluation of the starting weights
+        (``generation-before.json`` and ``generations-before.jsonl`` in the run), which
+        :meth:`after_training` sets beside its own. A resumed run has them already and keeps
+        them (the model here still holds the starting weights either way: a checkpoint is
+        restored after this)."""
+        from pathlib import Path
+
+        from ..llm.generation import evaluate_generation
+
+        gen = self.recipe.task.generation
+        scores = Path(run_dir) / BEFORE_SCORES
+        if not self.recipe.train.eval_before or scores.exists() or "validation" not in datasets:
+            return
+        records = self.generation_records(datasets["validation"].records)
+        if not records:
+            return
+        result = evaluate_generation(model, self, records, Path(run_dir) / BEFORE_SAMPLES, device, autocast, gen,
+                                     seed=self.recipe.train.seed, log=log, when="before training")
+        tmp = scores.with_name(f".{scores.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(scores)  # atomic: a resumed run trusts what it finds
+
+    def generation_records(self, records: list) -> list:
+        """The held-out prompts that generation is scored on: the first ``eval_prompts`` conversations
+        (text records have no reply to compare), or that many of each group with ``group_by``."""
+        limit = self.recipe.task.generation.eval_prompts
+        records = [r for r in records if r.values["format"] != "text"]
+        if not self.recipe.task.generation.group_by:
+            return records[:limit]
+        taken: dict = {}
+        out = []
+        for r in records:
+            group = r.values.get("group")
+            if taken.get(group, 0) < limit:
+                taken[group] = taken.get(group, 0) + 1
+                out.append(r)
+        return out
 
     def restore(self, settings: dict) -> None:
         """Take back what :meth:`settings` recorded (a saved run being loaded)."""
@@ -259,8 +302,55 @@ class CausalLMTask:
         from ..llm.generation import evaluate_generation
 
         gen = self.recipe.task.generation
-        records = [r for r in splits.get("validation", []) if r.values["format"] != "text"][: gen.eval_prompts]
+        records = self.generation_records(splits.get("validation", [])) if gen.eval_prompts else []
         if not records:
             return {}
-        return evaluate_generation(model, self, records, run.path / "generations.jsonl", device, autocast, gen,
-                                   seed=self.recipe.train.seed, log=log)
+        samples = run.path / "generations.jsonl"
+        result = evaluate_generation(model, self, records, samples, device, autocast, gen,
+                                     seed=self.recipe.train.seed, log=log, when="after training")
+        before = run.path / BEFORE_SCORES
+        if before.is_file():  # train.eval_before: the starting weights' scores and replies beside these
+            result["before"] = {k: v for k, v in json.loads(before.read_text()).items() if k != "before"}
+            _merge_before(samples, run.path / BEFORE_SAMPLES)
+        return result
+
+
+BEFORE_SCORES, BEFORE_SAMPLES = "generation-before.json", "generations-before.jsonl"
+
+
+def _merge_before(samples, before_samples) -> None:
+    """generations.jsonl rows gain ``greedy_before`` / ``sampled_before`` (matched by record)."""
+    if not before_samples.is_file():
+        return
+    earlier = {}
+    for line in before_samples.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        earlier[row["where"]] = row
+    rows = []
+    for line in samples.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        was = earlier.get(row["where"], {})
+        for key in ("greedy", "sampled"):
+            if key in was:
+                row[f"{key}_before"] = was[key]
+        rows.append(json.dumps(row))
+    tmp = samples.with_name(f".{samples.name}.tmp")
+    tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(samples)
+
+
+def _tag_groups(records: list, path: str, key: str, encoding: str) -> None:
+    """``task.generation.group_by``: each record's value of ``key`` as ``values["group"]``. The
+    conversation readers keep only the conversation, so the file's rows are read once more
+    here, through the same row reader (the same ``where`` for the same row)."""
+    from pathlib import Path
+
+    from ..llm.formats import _json_rows
+
+    if Path(path).suffix.lower() not in (".json", ".jsonl"):
+        raise TuneforgeError(f"task.generation.group_by '{key}' reads a key of JSON records, but {path} is not "
+                             ".json or .jsonl; remove group_by or convert the file")
+    value = {where: obj.get(key) for where, obj in _json_rows(Path(path), encoding) if isinstance(obj, dict)}
+    for r in records:
+        group = value.get(r.where)
+        r.values["group"] = str(group) if group is not None else "other"

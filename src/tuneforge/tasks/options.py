@@ -87,7 +87,8 @@ def unregister_task(name: str) -> None:
 # --------------------------------------------------------------------------- fields several tasks declare
 
 class GenerationSection(Section):
-    eval_prompts: int = Field(32, ge=0, description="causal-lm: after training, answer up to this many validation prompts and report exact match, ROUGE-L and BLEU against the reference replies (samples written to generations.jsonl); 0 turns it off.")
+    eval_prompts: int = Field(32, ge=0, description="causal-lm: after training (and before it, with train.eval_before), answer up to this many validation prompts (this many of each group with group_by) and report exact match, ROUGE-L and BLEU against the reference replies (samples written to generations.jsonl); 0 turns it off.")
+    group_by: Optional[str] = Field(None, description="causal-lm: a key of the JSON/JSONL data records (e.g. source) whose value names each record's group; the generation scores are reported per group as well as overall, with up to eval_prompts prompts of each group (a verifiable skill mixed into general data gets its own exact match). Records without the key are in group 'other'.")
     max_new_tokens: int = Field(64, ge=1, description="Longest reply generated (evaluation, `tuneforge generate` and `chat`).")
     sampled: bool = Field(True, description="Also evaluate one sampled reply per prompt (temperature/top_p) besides the greedy one.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature.")

@@ -246,6 +246,10 @@ class CausalLMTask:
     def before_training(self, model, datasets: dict, device, autocast, run_dir, log) -> None:
         """Nothing to prepare: the loss needs only the model being trained."""
 
+    def callbacks(self, plan, log) -> list:
+        """Engine callbacks of the task's own: none (grpo adds its rollout figures)."""
+        return []
+
     def restore(self, settings: dict) -> None:
         """Take back what :meth:`settings` recorded (a saved run being loaded)."""
         if "max_length" in settings:

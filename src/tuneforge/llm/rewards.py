@@ -135,7 +135,7 @@ def _format(pattern: re.Pattern):
 
 def _length_penalty(free: int, longest: int):
     span = max(1, longest - free)
-    return lambda completion, tokens, record: -max(0, tokens - free) / span
+    return lambda completion, tokens, record: -min(1.0, max(0, tokens - free) / span)
 
 
 # --------------------------------------------------------------------------- the user's functions

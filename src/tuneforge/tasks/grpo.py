@@ -71,7 +71,7 @@ BEFORE_FILE = "grpo_before.json"
 # --------------------------------------------------------------------------- options
 
 class RewardSpec(Section):
-    type: Literal[TYPES] = Field(..., description="grpo reward: exact_match (the answer extracted by pattern equals the record's field; numbers by value), regex (1 if pattern occurs), format (1 if the whole completion matches pattern), length_penalty (0 down to -1 beyond free_tokens), function (your own module:function from task.reward_paths).")
+    type: Literal[TYPES] = Field("exact_match", description="grpo reward: exact_match (the answer extracted by pattern equals the record's field; numbers by value), regex (1 if pattern occurs), format (1 if the whole completion matches pattern), length_penalty (0 down to -1 beyond free_tokens), function (your own module:function from task.reward_paths).")
     weight: float = Field(1.0, description="grpo reward: its weight in the completion's reward (the weighted sum of all rewards); negative weights penalise.")
     name: Optional[str] = Field(None, description="grpo reward: the name of its metrics (reward_<name>); default the type, or the function's name.")
     pattern: Optional[str] = Field(None, description="grpo reward: Python regex. exact_match: its last match in the completion is the answer (group 1 when it has one; unset: the whole completion); regex: searched; format: matched against the whole stripped completion.")
@@ -721,7 +721,7 @@ def _figures(metrics: dict) -> str:
 
 # --------------------------------------------------------------------------- a verifiable task
 
-ADDITION_PROMPT = "What is {a} + {b}? Reply with only the result, written as 'Answer: <number>'."
+ADDITION_PROMPT = "What is {a} + {b}? Reply with only the equation, for example: 12 + 34 = 46"
 
 
 def addition_problems(n_train: int, n_validation: int, seed: int = 0) -> tuple[list[dict], list[dict]]:

@@ -46,7 +46,7 @@ def main() -> int:
     args = p.parse_args()
 
     sys.path.insert(0, str(ROOT / "src"))
-    from tuneforge.tasks.grpo import write_addition_data
+    from tuneforge.llm.verifiable import write_addition_data
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = BENCH / "results" / f"grpo-smollm2-{stamp}"

@@ -335,7 +335,7 @@ def cmd_make_tiny_lm(args) -> int:
 
 
 def cmd_make_grpo_data(args) -> int:
-    from .tasks.grpo import write_addition_data
+    from .llm.verifiable import write_addition_data
 
     paths = write_addition_data(args.directory, n_train=args.train, n_validation=args.validation, seed=args.seed)
     print(f"wrote {args.train} training and {args.validation} held-out two-digit additions (seed {args.seed}; no "

@@ -20,8 +20,9 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.llm.rewards import build_rewards, extract
 from tuneforge.llm.tiny import make_tiny_lm
 from tuneforge.recipe import load_recipe
-from tuneforge.tasks.grpo import (RewardSpec, addition_problems, group_advantages, k3_kl, token_loss,
-                                  write_addition_data)
+from tuneforge.llm.policy import group_advantages, k3_kl, token_loss
+from tuneforge.llm.verifiable import addition_problems, write_addition_data
+from tuneforge.tasks.grpo import RewardSpec
 
 SMOLLM2 = Path("/work/models/smollm2-135m-hf")
 

@@ -39,7 +39,6 @@ and eval.json (``generation``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -50,21 +49,19 @@ from typing import ClassVar, Literal, Optional
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.batching import EpochBatchSampler
 from ..data.records import Record
-from ..engine.callbacks import METRICS, Callback
 from ..errors import TuneforgeError
-from ..llm.model import LM_HEAD_ROWS_MULTIPLE, CausalLM, core_model
+from ..llm.model import CausalLM, core_model
+from ..llm.policy import eval_mode, group_advantages, k3_kl, sequences, token_logps, token_loss
 from ..llm.rewards import TYPES, build_rewards, check_function_spec, reward_names
-from ..llm.templates import IGNORE
 from ..schema import Section
 from .causal_lm import CausalLMTask
+from .grpo_log import GrpoMetrics, RolloutLog, RolloutStats
 from .options import TYPE_DOC, ChatTemplate, MaxLength, TaskOptions, refuse_encoder_alias, register_task
 
-EPS = 1e-4  # advantage denominator guard (TRL's GRPOTrainer uses the same)
 BEFORE_FILE = "grpo_before.json"
 
 
@@ -147,77 +144,6 @@ class GrpoOptions(TaskOptions):
                              "current directory)")
 
 
-# --------------------------------------------------------------------------- the math
-
-def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = EPS) -> torch.Tensor:
-    """(B, G) rewards -> (B, G) advantages: centred per group, divided by the group's (sample)
-    standard deviation + eps when ``scale``. A group whose completions score alike gets 0."""
-    centred = rewards - rewards.mean(1, keepdim=True)
-    return centred / (rewards.std(1, keepdim=True) + eps) if scale else centred
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate ``exp(ref - logp) - (ref - logp) - 1``: unbiased, never
-    negative (Schulman 2020, "Approximating KL divergence"; DeepSeekMath eq. 4)."""
-    delta = ref_logp - logp
-    return torch.exp(delta) - delta - 1
-
-
-def token_loss(logp: torch.Tensor, advantages: torch.Tensor, ref_logp: torch.Tensor | None, beta: float):
-    """Per-token GRPO loss (N,) and KL (N,) or None. ``ratio = pi / pi_old`` with pi_old the
-    sampling policy, the same weights (one update per rollout): 1 in value, grad log pi in gradient."""
-    ratio = torch.exp(logp - logp.detach())
-    loss = -ratio * advantages
-    kl = None
-    if ref_logp is not None:
-        kl = k3_kl(logp, ref_logp)
-        loss = loss + beta * kl
-    return loss, kl
-
-
-def token_logps(core: CausalLM, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
-    """Log-prob of every target token (N,) and its row (N,); the LM head only where a target is."""
-    hidden = core.hidden(ids, mask)  # (R, T, H)
-    targets = labels[:, 1:]  # (R, T-1): position t predicts token t+1
-    keep = targets != IGNORE
-    picked, target = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,)
-    n = picked.shape[0]
-    pad = -n % LM_HEAD_ROWS_MULTIPLE if picked.device.type == "cpu" else 0  # a few shapes: llm/model.py says why
-    if pad:
-        picked = torch.cat([picked, picked.new_zeros(pad, picked.shape[1])])
-    logits = core.lm_head(picked)[:n]  # (N, V)
-    logps = -F.cross_entropy(logits.float(), target, reduction="none")  # (N,)
-    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(keep)[keep]  # (N,)
-    return logps, rows
-
-
-def sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device):
-    """Prompt + completion rows, right-padded: ids, mask and labels (the completion tokens only)."""
-    longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    R = len(prompts)
-    ids = torch.full((R, longest), pad_id, dtype=torch.long)  # (R, T)
-    labels = torch.full((R, longest), IGNORE, dtype=torch.long)  # (R, T)
-    mask = torch.zeros((R, longest), dtype=torch.long)  # (R, T)
-    for r, (p, c) in enumerate(zip(prompts, completions)):
-        ids[r, : len(p) + len(c)] = torch.tensor(p + c)
-        labels[r, len(p): len(p) + len(c)] = torch.tensor(c)
-        mask[r, : len(p) + len(c)] = 1
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Every module in eval mode, and afterwards each back in exactly its own mode (a strategy may
-    keep frozen parts in eval mode while training: ``model.train()`` would undo that)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 # --------------------------------------------------------------------------- data
 
 class Prompts(Dataset):
@@ -283,145 +209,6 @@ def read_prompts(path: str, *, limit: int | None, on_bad_record: str, skipped: l
             raise TuneforgeError(f"{err} (or set data.on_bad_record: skip to leave such records out)") from None
         out.append(Record({"messages": messages, "fields": obj}, where))
     return out
-
-
-# --------------------------------------------------------------------------- metrics
-
-class GrpoMetrics:
-    """Held-out rewards (mean, per reward), KL to the reference, completion length and the
-    fraction of completions that stopped, streamed batch by batch."""
-
-    def __init__(self, names: list[str], on_compute=None):
-        self.names, self.on_compute = names, on_compute
-        self.n, self.kl_n = 0, 0
-        self.sums = torch.zeros(3 + len(names), dtype=torch.float64)  # reward, tokens, stopped, per reward
-        self.kl = 0.0
-
-    def update(self, logits, labels, *, loss_sum, count, index=None) -> None:
-        rows = logits.double().cpu()  # (B, 4 + R): reward, kl, tokens, stopped, per reward
-        self.n += len(rows)
-        self.sums += rows[:, [0, 2, 3, *range(4, rows.shape[1])]].sum(0)
-        if not torch.isnan(rows[:, 1]).any():
-            self.kl += float(rows[:, 1].sum())
-            self.kl_n += len(rows)
-
-    def compute(self) -> dict:
-        n = max(self.n, 1)
-        mean = (self.sums / n).tolist()
-        out = {"reward": round(mean[0], 6), **{f"reward_{k}": round(v, 6) for k, v in zip(self.names, mean[3:])}}
-        if self.kl_n:
-            out["kl"] = round(self.kl / self.kl_n, 6)
-        out.update(completion_tokens=round(mean[1], 3), stopped=round(mean[2], 4), prompts=self.n)
-        if self.on_compute is not None:
-            self.on_compute(out)
-        return out
-
-
-class RolloutStats:
-    """What the training rollouts did since the last log line, and in total (kept across resumes)."""
-
-    SUMS = ("completions", "reward", "reward_sq", "kl", "kl_tokens", "completion_tokens", "stopped", "groups",
-            "flat_groups", "rollout_s", "reference_s")
-
-    def __init__(self, names: list[str]):
-        self.names = names
-        self.totals = {"rollout_s": 0.0, "reference_s": 0.0, "update_s": 0.0, "completions": 0,
-                       "completion_tokens": 0, "steps_logged": 0}
-        self.reset()
-
-    def reset(self) -> None:
-        self.now = dict.fromkeys(self.SUMS, 0.0)
-        self.per_reward = [0.0] * len(self.names)
-
-    def add(self, total: torch.Tensor, each: torch.Tensor, advantages_flat: int, groups: int, tokens: list[int],
-            stopped: int, kl_sum: float | None, kl_tokens: int, rollout_s: float, reference_s: float) -> None:
-        now = self.now
-        now["completions"] += len(total)
-        now["reward"] += float(total.sum())
-        now["reward_sq"] += float((total ** 2).sum())
-        now["completion_tokens"] += sum(tokens)
-        now["stopped"] += stopped
-        now["groups"] += groups
-        now["flat_groups"] += advantages_flat
-        if kl_sum is not None:
-            now["kl"] += kl_sum
-            now["kl_tokens"] += kl_tokens
-        now["rollout_s"] += rollout_s
-        now["reference_s"] += reference_s
-        self.per_reward = [a + float(b) for a, b in zip(self.per_reward, each.sum(0))]
-
-    def drain(self, interval_s: float, eval_s: float) -> dict | None:
-        """The figures since the last call (None when nothing was sampled), added to the totals."""
-        now, n = self.now, self.now["completions"]
-        if not n:
-            return None
-        mean = now["reward"] / n
-        update_s = max(0.0, interval_s - eval_s - now["rollout_s"] - now["reference_s"])
-        out = {"reward": round(mean, 6), "reward_std": round(max(0.0, now["reward_sq"] / n - mean ** 2) ** 0.5, 6),
-               **{f"reward_{k}": round(v / n, 6) for k, v in zip(self.names, self.per_reward)}}
-        if now["kl_tokens"]:
-            out["kl"] = round(now["kl"] / now["kl_tokens"], 6)
-        out.update(completion_tokens=round(now["completion_tokens"] / n, 3), stopped=round(now["stopped"] / n, 4),
-                   flat_groups=round(now["flat_groups"] / max(now["groups"], 1), 4), completions=int(n),
-                   rollout_s=round(now["rollout_s"], 3), reference_s=round(now["reference_s"], 3),
-                   update_s=round(update_s, 3),
-                   rollout_tokens_per_s=round(now["completion_tokens"] / max(now["rollout_s"], 1e-9), 1))
-        t = self.totals
-        t["rollout_s"] += now["rollout_s"]
-        t["reference_s"] += now["reference_s"]
-        t["update_s"] += update_s
-        t["completions"] += int(n)
-        t["completion_tokens"] += int(now["completion_tokens"])
-        t["steps_logged"] += 1
-        self.reset()
-        return out
-
-    def summary(self) -> dict:
-        t = self.totals
-        return {k: round(v, 2) if isinstance(v, float) else v for k, v in t.items()}
-
-
-class RolloutLog(Callback):
-    """Per log interval: the training rewards, KL, lengths, and rollout vs update time, into the
-    log and metrics.jsonl (``{"event": "rollout", ...}``); the totals survive a resume. Before the
-    first step of a new run, the baseline evaluation as ``{"event": "baseline", ...}``.
-
-    METRICS order: before the resumable checkpoint (its state is saved with the step) and, at
-    the start, after MFU's counting forward pass (which samples a rollout: not counted here)."""
-
-    order = METRICS
-
-    def __init__(self, task: "GrpoTask", log):
-        self.task, self.log = task, log
-        self.eval_s = 0.0
-
-    def on_fit_start(self, trainer) -> None:
-        self.task.stats.reset()  # MFU counted FLOPs on one rollout: not a training step's
-        self.eval_s = 0.0
-        if trainer.state.step == 0 and self.task.before is not None:
-            trainer.record({"event": "baseline", "split": "validation", "step": 0, **self.task.before})
-
-    def on_eval_end(self, trainer, metrics: dict) -> None:
-        self.eval_s += float(metrics.get("eval_seconds", 0.0))  # inside the next log interval: not update time
-
-    def on_log(self, trainer, logs: dict) -> None:
-        figures = self.task.stats.drain(logs["interval"]["seconds"], self.eval_s)
-        self.eval_s = 0.0
-        if figures is None:
-            return
-        trainer.record({"event": "rollout", "step": logs["step"], **figures})
-        parts = ", ".join(f"{k.removeprefix('reward_')} {v:.3f}" for k, v in figures.items()
-                          if k.startswith("reward_") and k != "reward_std")
-        kl = f", kl {figures['kl']:.4f}" if "kl" in figures else ""
-        self.log(f"step {logs['step']}: reward {figures['reward']:.3f} ({parts}){kl}, "
-                 f"{figures['completion_tokens']:.1f} tokens/completion; rollout {figures['rollout_s']:.1f}s, "
-                 f"reference {figures['reference_s']:.1f}s, update {figures['update_s']:.1f}s")
-
-    def state_dict(self) -> dict:
-        return {"totals": dict(self.task.stats.totals)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.task.stats.totals.update(state["totals"])
 
 
 # --------------------------------------------------------------------------- the task
@@ -719,38 +506,3 @@ def _figures(metrics: dict) -> str:
                      if k != "eval_seconds")
 
 
-# --------------------------------------------------------------------------- a verifiable task
-
-ADDITION_PROMPT = "What is {a} + {b}? Reply with only the equation, for example: 12 + 34 = 46"
-
-
-def addition_problems(n_train: int, n_validation: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Two-digit additions (10..99 + 10..99) as prompts with their ``answer``; the held-out pairs
-    (a, b) never occur in training. Deterministic in ``seed``."""
-    import random
-
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
-    if n_train + n_validation > len(pairs):
-        raise TuneforgeError(f"only {len(pairs)} two-digit additions exist; ask for fewer than "
-                             f"{n_train + n_validation}")
-    random.Random(seed).shuffle(pairs)
-
-    def row(a, b):
-        return {"prompt": ADDITION_PROMPT.format(a=a, b=b), "answer": str(a + b)}
-
-    return [row(*p) for p in pairs[:n_train]], [row(*p) for p in pairs[n_train:n_train + n_validation]]
-
-
-def write_addition_data(directory, n_train: int = 400, n_validation: int = 64, seed: int = 0) -> dict:
-    """``train.jsonl`` and ``validation.jsonl`` of :func:`addition_problems` in ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    train, validation = addition_problems(n_train, n_validation, seed)
-    out = {}
-    for name, rows in (("train", train), ("validation", validation)):
-        path = directory / f"{name}.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
-        out[name] = str(path)
-    return out

@@ -195,7 +195,10 @@ def test_bad_record_names_the_row_and_the_field(tiny, tmp_path):
 # --------------------------------------------------------------------------- whole runs
 
 def test_grpo_raises_the_held_out_reward_reproducibly_and_generate_works(tiny, tmp_path, capsys):
-    first = finetune(_recipe(tiny, tmp_path / "a"))
+    (tmp_path / "extra.py").write_text("def chars(completion, record):\n    return len(completion)\n")
+    extra = {"rewards": [HAS_E, {"type": "function", "function": "extra:chars", "weight": 0.0}],
+             "reward_paths": [str(tmp_path / "extra.py")]}  # a user reward in a real run, reported, unweighted
+    first = finetune(_recipe(tiny, tmp_path / "a", task=extra))
     grpo = first.metrics["generation"]
     before, after = grpo["before_training"], first.metrics["validation"]
     assert before["reward"] <= 0.1 and after["reward"] >= before["reward"] + 0.5, (before, after)
@@ -212,7 +215,8 @@ def test_grpo_raises_the_held_out_reward_reproducibly_and_generate_works(tiny, t
     assert manifest["task_settings"]["reference"] == "a frozen copy of the starting weights"
     assert len((first.path / "generations.jsonl").read_text().splitlines()) == 4
     # the same seed, the same run: every rollout's figures and the final held-out metrics
-    again = finetune(_recipe(tiny, tmp_path / "b"))
+    assert "reward_chars" in after and rollouts[0]["reward_chars"] > 0
+    again = finetune(_recipe(tiny, tmp_path / "b", task=extra))
     drop = ("rollout_s", "reference_s", "update_s", "rollout_tokens_per_s")
     assert [{k: v for k, v in r.items() if k not in drop} for r in _events(again.path, "rollout")] == \
         [{k: v for k, v in r.items() if k not in drop} for r in rollouts]
@@ -221,6 +225,7 @@ def test_grpo_raises_the_held_out_reward_reproducibly_and_generate_works(tiny, t
 
     from tuneforge.cli import main
 
+    (tmp_path / "extra.py").unlink()  # generating needs no reward file
     assert main(["generate", str(first.path), "--prompt", "reverse abc =", "--max-new-tokens", "4"]) == 0
     assert "e" in capsys.readouterr().out  # the tuned model's greedy reply now holds an "e"
 

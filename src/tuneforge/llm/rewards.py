@@ -140,9 +140,11 @@ def _length_penalty(free: int, longest: int):
 
 # --------------------------------------------------------------------------- the user's functions
 
-def check_function_spec(spec: str, reward_paths: list[str], where: str) -> Path:
+def check_function_spec(spec: str, reward_paths: list[str], where: str, must_exist: bool = True) -> Path:
     """``module:function`` -> the file it will be loaded from; refused unless ``module`` is the stem
-    of a file named in ``task.reward_paths`` (no file: nothing is imported). Loads nothing."""
+    of a file named in ``task.reward_paths`` (no file: nothing is imported). Loads nothing.
+    ``must_exist=False``: the names only (a saved run's recipe is validated to generate with it,
+    which needs no reward file)."""
     match = _SPEC.fullmatch(spec or "")
     if not match:
         raise TuneforgeError(f"{where}: function must be 'module:function' (e.g. my_rewards:score, with "
@@ -159,7 +161,7 @@ def check_function_spec(spec: str, reward_paths: list[str], where: str) -> Path:
     path = named[0]
     if path.suffix != ".py":
         raise TuneforgeError(f"task.reward_paths: {path} is not a .py file; name the Python file that defines {spec}")
-    if not path.is_file():
+    if must_exist and not path.is_file():
         raise TuneforgeError(f"task.reward_paths: {path} does not exist (relative paths start at the recipe's folder)")
     return path
 

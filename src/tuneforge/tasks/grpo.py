@@ -133,7 +133,8 @@ class GrpoOptions(TaskOptions):
         for i, spec in enumerate(self.rewards):
             if spec.type == "function":
                 try:
-                    check_function_spec(spec.function, self.reward_paths, f"task.rewards[{i}]")
+                    # names only: the files are read when the data is (train, validate, eval), not to generate
+                    check_function_spec(spec.function, self.reward_paths, f"task.rewards[{i}]", must_exist=False)
                 except TuneforgeError as err:
                     raise ValueError(str(err)) from None
             if spec.type == "length_penalty" and spec.free_tokens >= self.max_new_tokens:

@@ -338,7 +338,7 @@ def cmd_make_tiny_lm(args) -> int:
     from .llm.tiny import make_tiny_lm
 
     path = make_tiny_lm(args.directory, family=args.family, seed=args.seed)
-    print(f"wrote a tiny random-init {args.family} causal LM, its tokenizer and sft-/dpo- train/val data to {path}; "
+    print(f"wrote a tiny random-init {args.family} causal LM, its tokenizer and sft-/dpo-/grpo- train/val data to {path}; "
           "try: tuneforge train recipes/sft-tiny-lora.yaml")
     return 0
 
@@ -351,6 +351,17 @@ def cmd_make_sft_data(args) -> int:
     print(f"wrote {counts['out']}/train.jsonl ({counts['alpaca_train']} Alpaca + {args.skill_train} {args.skill} "
           f"chat records) and validation.jsonl ({counts['alpaca_validation']} + {args.skill_eval}), each tagged with "
           "'source'; try: tuneforge train recipes/sft-smollm2-lora.yaml")
+    return 0
+
+
+def cmd_make_grpo_data(args) -> int:
+    from .llm.verifiable import write_addition_data
+
+    paths = write_addition_data(args.directory, n_train=args.train, n_validation=args.validation, seed=args.seed)
+    print(f"wrote {args.train} training and {args.validation} held-out two-digit additions (seed {args.seed}; no "
+          f"pair in both) to {paths['train']} and {paths['validation']}; try: tuneforge train "
+          f"recipes/grpo-smollm2-addition.yaml --set data.train={paths['train']} "
+          f"--set data.validation={paths['validation']}")
     return 0
 
 
@@ -524,6 +535,14 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--skill-eval", type=int, default=32, help="skill rows held out (scored by exact match)")
     sd.add_argument("--seed", type=int, default=0, help="seeds the skill rows and the shuffle")
     sd.set_defaults(fn=cmd_make_sft_data)
+
+    gd = sub.add_parser("make-grpo-data", help="write a verifiable GRPO task: two-digit additions answered as "
+                        "an equation, '12 + 34 = 46' (train/validation JSONL with the answers)")
+    gd.add_argument("directory", nargs="?", default="grpo-addition", help="where to write (default: grpo-addition)")
+    gd.add_argument("--train", type=int, default=400, help="training prompts (default 400)")
+    gd.add_argument("--validation", type=int, default=64, help="held-out prompts (default 64)")
+    gd.add_argument("--seed", type=int, default=0, help="which additions, and their order (default 0)")
+    gd.set_defaults(fn=cmd_make_grpo_data)
 
     o = sub.add_parser("options", help="print every recipe option with its default and description (Markdown)")
     o.set_defaults(fn=cmd_options)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .yaml_safe import read_recipe_file
 from .errors import TuneforgeError, suggest
@@ -172,7 +172,7 @@ class Recipe(_Section):
 
     @field_validator("task", mode="before")
     @classmethod
-    def _task_options(cls, value: Any) -> Any:
+    def _task_options(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, TaskOptions):
             value = value.model_dump()
         if value is None:
@@ -185,7 +185,8 @@ class Recipe(_Section):
         kind = value.setdefault("type", DEFAULT_TASK)
         if not isinstance(kind, str):
             raise ValueError(f"task.type must be a task name (see `tuneforge options`), got {kind!r}")
-        return _options_for_task(kind).model_validate(value)
+        # the context carries the recipe file's folder: paths a task resolves against it (task.reward_paths)
+        return _options_for_task(kind).model_validate(value, context=info.context)
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -355,18 +356,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def recipe_from_dict(data: dict, origin: str = "(python)") -> Recipe:
+def recipe_from_dict(data: dict, origin: str = "(python)", base_dir: str | Path | None = None) -> Recipe:
+    """``base_dir``: the folder of the recipe file, which options that name the user's own files
+    (``task.reward_paths``) resolve relative paths against; None: the current directory."""
     if not isinstance(data, dict):
         raise TuneforgeError(f"recipe {origin} must be a mapping of sections (model, task, data, strategy, train, output)")
     _check_keys(data, Recipe, "")
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"recipe_dir": str(base_dir) if base_dir is not None else None})
     except ValidationError as err:
         raise TuneforgeError(_format_validation(err, origin)) from None
 
 
 def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe from a YAML path, a dict or a Recipe, then apply ``key.path=value`` overrides."""
+    base_dir = None
     if isinstance(source, Recipe):
         data, origin = source.dump(), "(python)"
     elif isinstance(source, dict):
@@ -374,10 +378,10 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
     else:
         path = Path(source)
         data = read_recipe_file(path)
-        origin = str(path)
+        origin, base_dir = str(path), path.parent
     if overrides:
         data = apply_overrides(data, overrides)
-    return recipe_from_dict(data, origin)
+    return recipe_from_dict(data, origin, base_dir)
 
 
 def describe_fields(model_cls: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:

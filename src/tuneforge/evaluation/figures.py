@@ -38,8 +38,9 @@ def curves(train: list[dict], evals: list[dict], metric: str) -> bytes | None:
     pts = [(e["step"], e["loss"]) for e in train if e.get("loss") is not None]
     if pts:
         ax1.plot(*zip(*pts), label="train loss", color="#1f77b4")
-    if evals:
-        ax1.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="validation loss", color="#d62728")
+    val = [(e["step"], e["loss"]) for e in evals if e.get("loss") is not None]  # grpo evaluates rewards, no loss
+    if val:
+        ax1.plot(*zip(*val), "o-", label="validation loss", color="#d62728")
     ax1.set_xlabel("step"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
     shown = [m for m in dict.fromkeys([metric, "accuracy", "f1_macro"]) if m != "loss" and evals and m in evals[0]]
     for m in shown:

@@ -45,8 +45,20 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     return out
 
 
+@torch.inference_mode()
+def generate_ids(core, prompts: list[list[int]], *, max_new_tokens: int, stop_ids, greedy: bool, temperature: float,
+                 top_p: float, generator: torch.Generator, device, pad_id: int) -> list[list[int]]:
+    """Token ids of the replies to tokenised ``prompts``, one batch, KV-cached; a reply that
+    stopped keeps its stop token (an RL loss trains the model to stop, so the token is part of
+    what was sampled). ``core``: the :class:`CausalLM` (``core_model(model)``); the caller puts
+    the model in eval mode and owns the ``generator`` (its state is the sampling's)."""
+    stop = torch.tensor(sorted(set(stop_ids)), device=device)
+    return _generate_batch(core, prompts, max_new_tokens, stop, greedy, temperature, top_p, generator, device, pad_id,
+                           keep_stop=True)
+
+
 def _generate_batch(core, prompts: list[list[int]], max_new: int, stop, greedy, temperature, top_p, generator, device,
-                    pad_id: int) -> list[list[int]]:
+                    pad_id: int, keep_stop: bool = False) -> list[list[int]]:
     from .model import _wrapped
 
     B, longest = len(prompts), max(len(p) for p in prompts)
@@ -79,6 +91,8 @@ def _generate_batch(core, prompts: list[list[int]], max_new: int, stop, greedy, 
             break
         step_mask = torch.cat([step_mask, torch.ones((B, 1), dtype=step_mask.dtype, device=device)], 1)
         step_ids = nxt[:, None] if cached else torch.cat([step_ids, nxt[:, None]], 1)
+    if keep_stop:
+        return replies
     stops = set(stop.tolist())
     return [r[:-1] if r and r[-1] in stops else r for r in replies]
 

@@ -4,8 +4,9 @@ No pretrained causal LM can be downloaded here, so ``tuneforge make-tiny-lm DIR`
 small Llama-style model (random weights, ~0.3M parameters), a byte-level BPE tokenizer
 trained on the generated text (it decodes back to the exact text), and JSONL data for the
 "reverse the word" task: ``sft-train.jsonl`` / ``sft-val.jsonl`` (prompt/completion) and
-``dpo-train.jsonl`` / ``dpo-val.jsonl`` (prompt/chosen/rejected). The recipes
-``recipes/sft-tiny-*.yaml`` and ``recipes/dpo-tiny.yaml`` run on it in well under a minute.
+``dpo-train.jsonl`` / ``dpo-val.jsonl`` (prompt/chosen/rejected), ``grpo-train.jsonl`` /
+``grpo-val.jsonl`` (prompt/answer). The recipes ``recipes/sft-tiny-*.yaml``,
+``recipes/dpo-tiny.yaml`` and ``recipes/grpo-tiny.yaml`` run on it in well under a minute.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def preference_task(n: int, seed: int) -> list[dict]:
             for r in reverse_task(n, seed)]
 
 
+def prompt_task(n: int, seed: int) -> list[dict]:
+    """The reverse task as prompts with their ``answer`` (GRPO data: the model writes, a reward scores)."""
+    return [{"prompt": r["prompt"], "answer": r["completion"].strip()} for r in reverse_task(n, seed)]
+
+
 def corpus_text() -> list[str]:
     words = ["".join(random.Random(i).choice(LETTERS) for _ in range(4)) for i in range(50)]
     return [f"reverse {w} = {w[::-1]}" for w in words] + ["abcdefghijklmnopqrstuvwxyz", "user assistant system"]
@@ -100,4 +106,6 @@ def make_tiny_lm(directory, family: str = "llama", seed: int = 0) -> Path:
     write_jsonl(directory / "sft-val.jsonl", reverse_task(40, seed + 2))
     write_jsonl(directory / "dpo-train.jsonl", preference_task(200, seed + 3))
     write_jsonl(directory / "dpo-val.jsonl", preference_task(40, seed + 4))
+    write_jsonl(directory / "grpo-train.jsonl", prompt_task(200, seed + 5))
+    write_jsonl(directory / "grpo-val.jsonl", prompt_task(32, seed + 6))
     return directory

@@ -320,7 +320,7 @@ def build_trainer(job) -> None:
     callbacks = [job.mfu, MetricsLog(run.metrics_path),
                  BestCheckpoint(run.checkpoints, cfg.metric_for_best, cfg.minimize, cfg.early_stopping.min_delta),
                  ResumeCheckpoint(run.checkpoints, cfg.save_every, cfg.keep_checkpoints),
-                 *strategy.callbacks(plan, log), *job.callbacks]
+                 *strategy.callbacks(plan, log), *job.task.callbacks(plan, log), *job.callbacks]
     if recipe.output.loggers:
         from ..evaluation.loggers import build_loggers
 

@@ -13,7 +13,7 @@ from ..schema import lookup
 from .options import TaskOptions, register_task, registry, unregister_task
 
 # Modules of this package that register no task (shared code).
-_HELPERS = frozenset({"base", "options", "label_words"})
+_HELPERS = frozenset({"base", "options", "label_words", "grpo_log"})
 _loaded = False
 
 

@@ -44,7 +44,8 @@ class Task(Protocol):
     Methods, in the order a run calls them: ``read`` -> ``record_labels`` (stratified splits) ->
     ``label_map`` -> ``attach(loaded)`` (tokenizer, limits) -> ``build_model`` -> ``dataset`` ->
     ``loader`` -> ``before_training`` (once, with the untrained weights, before the first step;
-    a no-op unless the loss needs a frozen reference, as DPO's does) -> ``forward`` (every step;
+    a no-op unless the loss needs a frozen reference, as DPO's does) -> ``callbacks(plan, log)`` (engine
+    callbacks of the task's own, e.g. GRPO's rollout figures; [] for most) -> ``forward`` (every step;
     ``{"loss", "logits", ...}``) and ``metrics`` (a fresh streaming accumulator per evaluation) -> ``after_training`` (extra
     metrics such as generation; ``{}`` when none) -> ``settings`` (saved with the model),
     and ``restore(settings)`` when a saved run is loaded.
@@ -85,6 +86,9 @@ class Task(Protocol):
         with the split's loss as total sum / total count."""
 
     def after_training(self, model: nn.Module, splits: dict, run, device, autocast, log) -> dict: ...
+    def callbacks(self, plan, log) -> list:
+        """The task's own engine callbacks (``engine/callbacks.py``; GRPO's rollout figures), [] for none."""
+
     def settings(self) -> dict: ...
     def restore(self, settings: dict) -> None: ...
 
@@ -356,6 +360,10 @@ class ClassificationTask:
     def after_training(self, model, splits: dict, run, device, autocast, log) -> dict:
         """Evaluation of the task's own after the final metrics (generation); {} for none."""
         return {}
+
+    def callbacks(self, plan, log) -> list:
+        """Engine callbacks of the task's own: none."""
+        return []
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.float()) if self.multi_label else torch.softmax(logits.float(), -1)

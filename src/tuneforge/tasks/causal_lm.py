@@ -289,6 +289,10 @@ class CausalLMTask:
                 out.append(r)
         return out
 
+    def callbacks(self, plan, log) -> list:
+        """Engine callbacks of the task's own: none (grpo adds its rollout figures)."""
+        return []
+
     def restore(self, settings: dict) -> None:
         """Take back what :meth:`settings` recorded (a saved run being loaded)."""
         if "max_length" in settings:

@@ -1,7 +1,7 @@
 """Benchmark: gradient checkpointing on a real LLM, on and off, LoRA and full (the evidence behind
 ``train.gradient_checkpointing: auto``).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/grad_checkpointing.py --model /work/models/smollm2-135m-hf \\
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/grad_checkpointing.py --model smollm2-135m \\
         --data sft-data/train.jsonl --steps 4
 
 Each (strategy, checkpointing) pair is ``tuneforge train`` in its own process (so peak RSS is

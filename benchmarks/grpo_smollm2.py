@@ -40,7 +40,7 @@ def cpu_model() -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="/work/models/smollm2-135m-hf", help="SmolLM2 directory (or the alias)")
+    p.add_argument("--model", default="smollm2-135m", help="SmolLM2 directory (or the alias)")
     p.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the recipe's)")
     p.add_argument("--set", action="append", default=[], help="more recipe overrides")
     args = p.parse_args()

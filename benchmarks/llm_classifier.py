@@ -3,7 +3,7 @@ words (``classifier: label-words``) and by a head on the last token (``pooling: 
 MiniLM-L6 with a head, on the same rows.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/llm_classifier.py --data ../shared/data/sst2 \\
-        --smollm2 /work/models/smollm2-135m-hf --rows 2000
+        --smollm2 smollm2-135m --rows 2000
 
 Every contender is ``tuneforge train`` in its own process (common.run_tuneforge): the first
 ``--rows`` rows of train.tsv, the whole dev set (872 sentences) for validation, one epoch,

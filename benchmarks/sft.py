@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sft.py                 # full + lora, ~10 min on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sft.py --examples 300 --strategies full   # smoke run
     # real weights: SmolLM2-135M-Instruct (a local HF directory) on Alpaca rows, its own chat template
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sft.py --model /work/models/smollm2-135m-hf \
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sft.py --model smollm2-135m \
         --alpaca ../shared/data/instruct/alpaca_en_demo.json --examples 96 --eval-examples 32 --rounds 2
 
 Needs the ``bench`` extra (``pip install -e .[bench]``: TRL). Fully offline; generated here:
@@ -289,11 +289,16 @@ def parse_args(argv=None):
                         "on a machine other jobs keep busy, 1 thread is steadier and was 2-3x faster here")
     p.add_argument("--lr-full", type=float, default=None, help=f"default {DEFAULT_LR['full']} ({REAL_LR['full']} with --model)")
     p.add_argument("--lr-lora", type=float, default=None, help=f"default {DEFAULT_LR['lora']} ({REAL_LR['lora']} with --model)")
-    p.add_argument("--model", default=None, help="real weights: a local Hugging Face causal-LM directory (needs --alpaca)")
+    p.add_argument("--model", default=None, help="real weights: an LLM alias (smollm2-135m) or a local Hugging Face causal-LM directory (needs --alpaca)")
     p.add_argument("--alpaca", default=None, help="with --model: an Alpaca JSON file ({instruction, input, output} rows)")
     p.add_argument("--rounds", type=int, default=1, help="run every contender this many times, interleaved (A B A B)")
     common.add_common_args(p)
     args = p.parse_args(argv)
+    if args.model:  # an LLM alias -> its converted directory: the TRL side reads the files itself
+        from tuneforge.models.aliases import ALIASES, llm_alias_dir
+
+        if args.model in ALIASES:
+            args.model = str(llm_alias_dir(args.model))
     if bool(args.model) != bool(args.alpaca):
         p.error("--model and --alpaca go together (real weights on Alpaca rows)")
     rates = REAL_LR if args.model else DEFAULT_LR

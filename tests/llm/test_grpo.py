@@ -24,7 +24,7 @@ from tuneforge.llm.policy import group_advantages, k3_kl, token_loss
 from tuneforge.llm.verifiable import addition_problems, write_addition_data
 from tuneforge.tasks.grpo import RewardSpec
 
-SMOLLM2 = Path("/work/models/smollm2-135m-hf")
+SMOLLM2 = "smollm2-135m"  # the built-in alias (make install installs it)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -264,11 +264,10 @@ def test_beta_zero_needs_no_reference_and_sequence_aggregation_runs(tiny, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOLLM2.exists(), reason="SmolLM2 not converted on this machine")
 def test_smollm2_lora_grpo_steps(tmp_path):
     """Two GRPO steps of LoRA on the real SmolLM2-135M-Instruct (minutes on a busy CPU)."""
     paths = write_addition_data(tmp_path / "data", 8, 4, seed=0)
-    recipe = {"model": {"name": str(SMOLLM2)},
+    recipe = {"model": {"name": SMOLLM2},
               "task": {"type": "grpo", "group_size": 2, "max_new_tokens": 8, "eval_samples": 2,
                        "rewards": [{"type": "exact_match", "pattern": r"(-?\d+)"},
                                    {"type": "format", "pattern": r"Answer: -?\d+", "weight": 0.5}]},

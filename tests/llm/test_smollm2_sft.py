@@ -1,8 +1,8 @@
 """SmolLM2-135M-Instruct, real weights (`make test-slow`): its own chat template masks the prompt,
 and a few LoRA steps on Alpaca rows lower the held-out loss (train.eval_before's step 0 vs the end).
 
-The model is the converted safetensors directory until the ``smollm2-135m`` alias lands; point
-``TUNEFORGE_SMOLLM2`` at another copy (or at the alias name) to run these elsewhere.
+The model is the ``smollm2-135m`` alias (its converted directory where a tokenizer is read directly);
+point ``TUNEFORGE_SMOLLM2`` at another copy to run these on it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SMOLLM2 = os.environ.get("TUNEFORGE_SMOLLM2", "/work/models/smollm2-135m-hf")
+SMOLLM2 = os.environ.get("TUNEFORGE_SMOLLM2", "smollm2-135m")
 ALPACA = Path(__file__).resolve().parents[3] / "shared" / "data" / "instruct" / "alpaca_en_demo.json"  # ../shared
 
 
@@ -24,7 +24,9 @@ def test_smollm2_template_trains_on_the_replies_only():
 
     from tuneforge.llm.templates import IGNORE, Template
 
-    tok = AutoTokenizer.from_pretrained(SMOLLM2)
+    from tuneforge.models.aliases import ALIASES, llm_alias_dir
+
+    tok = AutoTokenizer.from_pretrained(llm_alias_dir(SMOLLM2) if SMOLLM2 in ALIASES else SMOLLM2)
     template = Template("tokenizer", tok)
     chat = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
             {"role": "user", "content": "Another one?"}, {"role": "assistant", "content": "Green, like grass."}]

@@ -158,6 +158,18 @@ def qwen_source():
     return GgufSource("alias 'qwen2.5-0.5b'", parts, "qwen2.5-0.5b", expected_size=QWEN_SIZE)
 
 
+def llm_alias_dir(name: str) -> Path:
+    """The converted Hugging Face directory behind an LLM alias (``smollm2-135m``, ``qwen2.5-0.5b``),
+    converting it first when the cache does not hold it: for tools that want the files themselves
+    (a tokenizer, a benchmark's other contender)."""
+    from .gguf_cache import cached_model_dir
+
+    sources = {"smollm2-135m": smollm2_source, "qwen2.5-0.5b": qwen_source}
+    if name not in sources:
+        raise TuneforgeError(f"'{name}' is not an LLM alias; LLM aliases: {', '.join(sources)}")
+    return Path(cached_model_dir(sources[name]()))
+
+
 def _gguf_alias_loader(source: Callable):
     def load(name: str, pretrained: bool, *, causal_lm: bool = False, load_in_4bit: bool = False) -> LoadedModel:
         from .gguf_cache import cached_model_dir

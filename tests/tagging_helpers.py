@@ -90,13 +90,13 @@ def tagger_bert_dir(tmp_path_factory):
     return build_tagger_bert(tmp_path_factory.mktemp("tagger_bert"))
 
 
-def tagging_recipe(model_dir, train, out, strategy: str = "full", validation=None, **extra) -> dict:
+def tagging_recipe(model_dir, train_file, out, name: str = "full", validation=None, **extra) -> dict:
     recipe = {
         "model": {"name": str(model_dir)},
         "task": {"type": "token-classification"},
-        "data": {"train": str(train), **({"validation": str(validation)} if validation else {"validation_split": 0.25})},
-        "strategy": {"name": strategy},
-        "train": {"epochs": 3, "batch_size": 8, "lr": 5e-3, "progress": False, "precision": "fp32"},
+        "data": {"train": str(train_file), **({"validation": str(validation)} if validation else {"validation_split": 0.25})},
+        "strategy": {"name": name},
+        "train": {"epochs": 5, "batch_size": 8, "lr": 1e-2, "progress": False, "precision": "fp32"},
         "output": {"dir": str(out), "report": False},
     }
     for key, value in extra.items():

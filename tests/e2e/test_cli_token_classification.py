@@ -23,7 +23,7 @@ STRATEGIES = {
     "partial": ({"layers": 1}, {"layer_decay": 0.8}),
     "linear-probe": ({}, {"lr": 2e-2}),
     "gradual-unfreeze": ({}, {"epochs": 4}),
-    "lora": ({"rank": 4}, {"lr": 1e-2}),
+    "lora": ({"rank": 4}, {"lr": 1e-2}),  # with output.merge: folded into the weights, saved plainly
     "lora-dora": ({"rank": 4, "dora": True, "rslora": True}, {"lr": 1e-2}),
     "adapters": ({}, {"lr": 1e-2}),
     "ia3": ({}, {"lr": 2e-2}),
@@ -65,9 +65,12 @@ def test_strategy_train_eval_predict_serve_export(name, tagger_bert_dir, data, t
     strategy, overrides = STRATEGIES[name]
     run = tmp_path / "run"
     recipe = tagging_recipe(tagger_bert_dir, train, run, name.split("-dora")[0], validation=dev, strategy=strategy,
-                            train=overrides)
+                            train=overrides, output={"merge": name == "lora"})
     code, out = _train(tmp_path, recipe, capsys)
     assert code == 0, out.err
+    if name == "lora":
+        assert "merge: max |merged - unmerged| logit =" in out.err
+        assert json.loads((run / "model" / "tuneforge.json").read_text())["layout"] == "hf-backbone+head"
     assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
     final = json.loads((run / "eval.json").read_text())["validation"]
     labels = json.loads((run / "model" / "labels.json").read_text())["names"]

@@ -27,9 +27,8 @@ from tuneforge.tasks import (TaskOptions, get_task, register_task, task_class, t
 from tuneforge.tasks.options import TYPE_DOC, task_block_from_saved
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "tuneforge"
-BUILTIN_TASKS = ["causal-lm", "grpo", "image-classification", "preference", "text-classification"]
-# Tasks added after every task owned its options: no run ever saved their keys in the flat block.
-NEWER_TASKS = {"grpo"}
+BUILTIN_TASKS = ["causal-lm", "grpo", "image-classification", "preference", "text-classification",
+                 "token-classification"]
 
 # `Recipe().dump()["task"]` before each task owned its options: what every older run saved.
 LEGACY_TASK = {
@@ -52,12 +51,14 @@ def test_builtin_tasks_are_discovered_and_own_their_keys():
     assert keys["preference"] == {"type", "chat_template", "generation", "loss", "beta", "simpo_gamma", "max_length"}
     assert "packing" not in keys["text-classification"] and "pooling" in keys["text-classification"]
     assert keys["grpo"] >= {"type", "chat_template", "rewards", "reward_paths", "group_size", "beta", "max_length"}
-    # together the older tasks hold exactly the old flat block's fields, each with its old default
-    assert set().union(*(v for k, v in keys.items() if k not in NEWER_TASKS)) == set(LEGACY_TASK)
+    # the tasks of the old flat block hold exactly its fields, each with its old default (tasks added
+    # since then, such as grpo and token-classification, bring their own)
+    legacy = ["causal-lm", "image-classification", "preference", "text-classification"]
+    assert set().union(*(keys[n] for n in legacy)) == set(LEGACY_TASK)
     for name in task_names():
-        dumped = load_recipe({"model": {"name": "efficientnet-lite0" if name == "image-classification" else "/llm"},
-                              "task": {"type": name}}).dump()["task"]
-        if name not in NEWER_TASKS:
+        if name in legacy:
+            dumped = load_recipe({"model": {"name": "efficientnet-lite0" if name == "image-classification" else "/llm"},
+                                  "task": {"type": name}}).dump()["task"]
             assert dumped == {k: v for k, v in LEGACY_TASK.items() if k in dumped} | {"type": name}
         for field_name, field in task_options_class(name).model_fields.items():
             assert field.description and "\n" not in field.description, (name, field_name)
@@ -80,7 +81,7 @@ def test_option_of_another_task_is_an_error_naming_the_valid_keys(tmp_path):
     with pytest.raises(TuneforgeError, match=r"'task.multi_label'.*option of task text-classification"):
         load_recipe(image, ["task.multi_label=true"])  # multi-label images: simply not an image option
     with pytest.raises(TuneforgeError, match=r"unknown task 'causal_lm' \(did you mean 'causal-lm'\?\); choose "
-                                             r"one of: causal-lm, grpo, image-classification, preference, text-classification"):
+                                             r"one of: causal-lm, grpo, image-classification, preference, text-classification, token-classification"):
         load_recipe({"task": {"type": "causal_lm"}})
     assert load_recipe(image, ["task.image_size=48"]).task.image_size == 48
 
@@ -153,7 +154,7 @@ def test_a_throw_away_task_needs_only_its_registration(toy_task):
     docs = options_markdown()
     assert "### `toy-regression`" in docs and "| `task.its_option` | `1` | How much toy there is. |" in docs
     type_doc = dict((k, d) for k, _, d in describe_fields())["task.type"]
-    assert "text-classification or toy-regression" in type_doc
+    assert "text-classification, token-classification or toy-regression" in type_doc
 
 
 def test_unregistered_task_is_gone(toy_task):

@@ -137,7 +137,7 @@ def predict_file(run_dir, source: str, out: str | None, *, column: str | None = 
             inputs, good, bad = _encode(predictor, batch)
             if inputs is not None:
                 probs = predictor.proba_from_encoded(inputs)
-                for (item_id, _), result in zip(good, predictor.format(probs)):
+                for (item_id, _), result in zip(good, predictor.format(probs, inputs=[x for _, x in good])):
                     sink.write(json.dumps({"id": item_id, **result}) + "\n")
                 counts["predicted"] += len(good)
             for item_id, message in bad:

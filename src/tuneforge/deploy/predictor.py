@@ -32,11 +32,15 @@ class Predictor:
         return self.task.probabilities(logits).cpu()
 
     def predict_proba(self, inputs) -> torch.Tensor:
-        """(N, C) probabilities for a list of N inputs; a single input (see :meth:`predict`) is one row."""
+        """(N, C) probabilities for a list of N inputs; a single input (see :meth:`predict`) is one row.
+        A tagger's rows are (N, W, C), one per word, zero-padded to the input with the most words."""
         inputs = _as_list(inputs)[0]
         out = []
         for i in range(0, len(inputs), self.batch_size):
             out.append(self.proba_from_encoded(self.task.encode_inputs(inputs[i:i + self.batch_size])))
+        if out and out[0].ndim == 3:
+            longest = max(o.shape[1] for o in out)
+            out = [torch.nn.functional.pad(o, (0, 0, 0, longest - o.shape[1])) for o in out]
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
     def predict(self, inputs) -> list[dict] | dict:
@@ -49,21 +53,17 @@ class Predictor:
         into its characters.
         """
         items, single = _as_list(inputs)
-        results = self.format(self.predict_proba(items))
+        results = []
+        for i in range(0, len(items), self.batch_size):  # formatted per batch: a tagger's rows vary in length
+            chunk = items[i:i + self.batch_size]
+            results += self.format(self.proba_from_encoded(self.task.encode_inputs(chunk)), inputs=chunk)
         return results[0] if single else results
 
-    def format(self, probs: torch.Tensor, labels=None) -> list[dict]:
-        """(N, C) probabilities -> ``{"label", "scores"}`` per row, labels in the user's own type."""
-        labels = labels if labels is not None else self.labels
-        results = []
-        for row in probs:
-            scores = {str(labels.names[j]): round(float(p), 6) for j, p in enumerate(row)}
-            if labels.multi_label:
-                label = [labels.name(j) for j, p in enumerate(row) if p >= 0.5]
-            else:
-                label = labels.name(int(row.argmax()))
-            results.append({"label": label, "scores": scores})
-        return results
+    def format(self, probs: torch.Tensor, labels=None, inputs: list | None = None) -> list[dict]:
+        """Probabilities -> one dict per input, as the task writes them (classifiers: ``{"label",
+        "scores"}`` with labels in the user's own type; taggers: entities with character offsets
+        into ``inputs``)."""
+        return self.task.format_predictions(probs, labels if labels is not None else self.labels, inputs or [])
 
 
 class EnsemblePredictor(Predictor):

@@ -313,7 +313,7 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
             probs = await batcher.submit(inputs, adapter)
         except BadInput as err:
             fail(422, "bad_input", str(err))
-        return {"predictions": predictor.format(probs, label_maps[adapter])}
+        return {"predictions": predictor.format(probs, label_maps[adapter], inputs=inputs)}
 
     @app.get("/v1/model")
     async def model_info():

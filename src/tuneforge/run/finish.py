@@ -96,6 +96,9 @@ def name_examples(wrong: list[dict], records: list) -> None:
         item["where"] = record.where
         if "text" in record.values:
             item["text"] = str(record.values["text"])[:500]
+        if "span" in item and "tokens" in record.values:  # a tagger's wrong span: its words marked in the sentence
+            words, (a, b) = list(record.values["tokens"]), item["span"]
+            item["text"] = " ".join(words[:a] + ["[[" + " ".join(words[a:b]) + "]]"] + words[b:])[:500]
         if isinstance(record.values.get("image"), str):  # a path (parquet may hold raw bytes: left out)
             item["image"] = record.values["image"]
 

@@ -19,7 +19,7 @@ def _why_not(job, scope: str) -> str | None:
     if job.cfg.cache_activations == "off":
         return "train.cache_activations is off"
     if not job.task.cacheable:
-        return "every layer of this task's model trains" if scope == "backbone" else "not for this task yet"
+        return "this task's model does not cache its frozen part (the caches hold a head's pooled input)"
     return modality_of(job.task.modality).random_inputs(job.recipe) or None
 
 

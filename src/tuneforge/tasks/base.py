@@ -49,8 +49,11 @@ class Task(Protocol):
     ``{"loss", "logits", ...}``) and ``metrics`` (a fresh streaming accumulator per evaluation) -> ``after_training`` (extra
     metrics such as generation; ``{}`` when none) -> ``settings`` (saved with the model),
     and ``restore(settings)`` when a saved run is loaded.
-    Beyond a run, by kind: classifiers (``generative`` False) offer ``encode_inputs`` and
-    ``probabilities`` for prediction, serving and export; generative tasks offer ``tokenizer``,
+    Beyond a run, by kind: classifiers (``generative`` False) offer ``encode_inputs``,
+    ``probabilities`` and ``format_predictions`` (probabilities -> the dicts predict and serve
+    return) for prediction, serving and export, ``sample_inputs`` (the export parity check's
+    inputs from a run's data) and ``fold_row`` (a record as a cross-validation fold's JSON
+    line); generative tasks offer ``tokenizer``,
     ``template`` and ``build_template``/``build_template_named`` for generation and chat.
     """
 
@@ -367,3 +370,45 @@ class ClassificationTask:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.float()) if self.multi_label else torch.softmax(logits.float(), -1)
+
+    # -- beyond a run: predictions, the export check's samples, cross-validation folds
+    def format_predictions(self, probs: torch.Tensor, labels: LabelMap, inputs: list) -> list[dict]:
+        """(N, C) probabilities -> ``{"label", "scores"}`` per row, labels in the user's own type."""
+        results = []
+        for row in probs:
+            scores = {str(labels.names[j]): round(float(p), 6) for j, p in enumerate(row)}
+            if labels.multi_label:
+                label = [labels.name(j) for j, p in enumerate(row) if p >= 0.5]
+            else:
+                label = labels.name(int(row.argmax()))
+            results.append({"label": label, "scores": scores})
+        return results
+
+    def sample_inputs(self, data, n: int):
+        """``(inputs, label values, where)`` for up to ``n`` rows of a run's own data (``data``: its
+        recipe's data section; validation first), or None when no split can be read."""
+        from pathlib import Path
+
+        spec = modality_of(self.modality)
+        for split in ("validation", "test", "train"):
+            path = getattr(data, split, None)
+            if not path or not Path(path).exists():
+                continue
+            try:
+                records = spec.read_inputs(path, column=data.column(split, spec.input),
+                                           label_column=data.column(split, "label"), limit=n, data=data, hints={})
+                inputs = self.encode_inputs([r.values[spec.input] for r in records]) if records else None
+            except TuneforgeError:  # an unreadable row or image: try the next split
+                continue
+            if records:
+                return inputs, [r.values.get("label") for r in records], f"{len(records)} rows of {path}"
+        return None
+
+    def fold_row(self, record) -> dict:
+        """One line of a cross-validation fold file: the roles a fold's recipe reads back."""
+        row = {k: v for k, v in record.values.items() if k in ("text", "label", "id", "image")}
+        spec = modality_of(self.modality)
+        if spec.files and not isinstance(row.get(spec.input), str):
+            raise TuneforgeError(f"{record.where}: images stored inside the data file cannot be split into folds "
+                                 "yet; use an image folder or a manifest of image paths")
+        return row

@@ -29,7 +29,8 @@ import yaml
 from ..errors import TuneforgeError
 
 COLUMNS = ("strategy", "status", "trainable_params", "total_params", "trainable_pct", "peak_rss_mb", "peak_gpu_mb",
-           "wall_s", "train_s", "samples_per_s", "accuracy", "f1_macro", "loss", "saved_bytes", "delta_bytes",
+           "wall_s", "train_s", "samples_per_s", "accuracy", "f1", "f1_macro", "token_accuracy", "loss", "saved_bytes",
+           "delta_bytes",
            "run_dir", "error")
 
 
@@ -97,7 +98,7 @@ def read_row(name: str, run: Path, wall_s: float, error: str | None) -> dict:
         row["strategy"] = f"{name} -> {manifest['strategy_decision']['chosen']}"
     try:
         final = json.loads((run / "eval.json").read_text())["validation"]
-        for key in ("accuracy", "f1_macro", "loss"):
+        for key in ("accuracy", "f1", "f1_macro", "token_accuracy", "loss"):  # those the task reports
             if isinstance(final.get(key), (int, float)):
                 row[key] = round(final[key], 4)
     except (OSError, ValueError, KeyError):
@@ -179,7 +180,8 @@ def compare(recipe, strategies: list[str] | str, *, overrides: list[str] | None 
             row.pop("peak_rss_mb", None)  # one process for all runs: its peak is not this strategy's
         result.rows.append(row)
         say(f"  {row['status']} in {wall:.1f}s" + (f": {error}" if error else
-                                                    f", accuracy {row.get('accuracy', 'n/a')}"), highlight=False)
+                                                    (f", accuracy {row['accuracy']}" if "accuracy" in row else
+                                                     f", f1 {row.get('f1', 'n/a')}")), highlight=False)
         write_tables(result)
     return result
 

@@ -24,7 +24,6 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import TuneforgeError
-from ..modalities import modality_of
 
 
 def _fold_indices(keys: list, groups: list | None, k: int, seed: int) -> list[list[int]]:
@@ -74,15 +73,11 @@ def _read_groups(recipe, records, column: str) -> list:
     return [str(by_where[r.where]) for r in records]
 
 
-def _write_jsonl(path: Path, records: list, modality: str) -> None:
+def _write_jsonl(path: Path, records: list, task) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
-            row = {k: v for k, v in r.values.items() if k in ("text", "label", "id", "image")}
-            if modality_of(modality).files and not isinstance(row.get(modality_of(modality).input), str):
-                raise TuneforgeError(f"{r.where}: images stored inside the data file cannot be split into folds "
-                                     "yet; use an image folder or a manifest of image paths")
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(task.fold_row(r), ensure_ascii=False) + "\n")  # the roles the fold reads back
 
 
 def _fold_recipe(base: dict, train: Path, val: Path, out: Path, id_column: str | None) -> dict:
@@ -126,6 +121,9 @@ def cross_validate(recipe_source, *, folds: int, group_column: str | None = None
     if not recipe.data.train or not Path(recipe.data.train).exists():
         raise TuneforgeError(f"data.train '{recipe.data.train}' does not exist; cross-validation splits that file")
     task = get_task(recipe)
+    if task.generative:
+        raise TuneforgeError(f"tuneforge cv splits labelled examples into stratified folds; a {recipe.task.type} run "
+                             "has no labels to stratify — train it with `tuneforge train` and a validation file")
     skipped: list = []
     records = task.read("train", recipe.data.train, limit=recipe.data.max_train_rows, skipped=skipped)
     groups = _read_groups(recipe, records, group_column) if group_column else None
@@ -145,8 +143,8 @@ def cross_validate(recipe_source, *, folds: int, group_column: str | None = None
         train = [r for i, r in enumerate(records) if i not in held]
         val = [records[i] for i in val_idx]
         files = root / "folds" / f"fold-{k}"
-        _write_jsonl(files / "train.jsonl", train, task.modality)
-        _write_jsonl(files / "validation.jsonl", val, task.modality)
+        _write_jsonl(files / "train.jsonl", train, task)
+        _write_jsonl(files / "validation.jsonl", val, task)
         log(f"[bold]fold {k}/{folds}[/]: train {len(train)}, validation {len(val)}"
             + (f" ({len({groups[i] for i in val_idx})} groups held out)" if groups else ""))
         run = finetune(_fold_recipe(base, files / "train.jsonl", files / "validation.jsonl", root / f"fold-{k}",

@@ -42,19 +42,9 @@ def sample_inputs(run_dir: Path, task, n: int) -> tuple[dict, list | None, str]:
     config = run_dir / "config.yaml"
     modality = modality_of(task.modality)
     if config.exists():
-        data = from_run_config(config).data  # runs of any version, old flat task blocks included
-        for split in ("validation", "test", "train"):
-            path = getattr(data, split, None)
-            if not path or not Path(path).exists():
-                continue
-            try:
-                records = modality.read_inputs(path, column=data.column(split, modality.input),
-                                               label_column=data.column(split, "label"), limit=n, data=data, hints={})
-                inputs = task.encode_inputs([r.values[modality.input] for r in records]) if records else None
-            except TuneforgeError:  # an unreadable row or image: try the next split
-                continue
-            if records:
-                return inputs, [r.values.get("label") for r in records], f"{len(records)} rows of {path}"
+        found = task.sample_inputs(from_run_config(config).data, n)  # runs of any version, old task blocks included
+        if found is not None:
+            return found
     g = torch.Generator().manual_seed(0)
     return (modality.synthetic(task, 4, g), None,
             f"4 synthetic {'token sequences' if modality.variable_length else 'inputs'} (the run's data is gone)")

@@ -76,6 +76,10 @@ def export(model, task, labels, meta, inputs: dict, reference, tmp: Path, **_) -
     if not modality_of(task.modality).tokenized or meta.get("base_spec", {}).get("kind") != "hf":
         raise TuneforgeError("--format hf is for Hugging Face text models; for image models use --format onnx "
                              "or --format safetensors")
+    if reference.ndim != 2:
+        raise TuneforgeError(f"--format hf writes an encoder with a pooled classification head; this "
+                             f"{meta['task']['type']} model scores every token — use --format onnx (the per-token "
+                             "graph, parity-checked) or --format safetensors")
     plain = plain_model(model, meta)
     plain.backbone.save_pretrained(str(tmp), safe_serialization=True)
     task.tokenizer.save_pretrained(str(tmp))

@@ -22,6 +22,8 @@ def export(model, task, labels, meta, inputs: dict, reference, tmp: Path, *, qua
     wrapper = _Logits(model, names).eval()
     variable = modality_of(task.modality).variable_length  # texts: the sequence axis varies too
     dynamic = {name: ({0: "batch", 1: "sequence"} if variable else {0: "batch"}) for name in names}
+    # logits per sub-token (token-classification: (B, T, C)) vary in length with the inputs too
+    outputs = {0: "batch", 1: "sequence"} if variable and reference.ndim == 3 else {0: "batch"}
     path = tmp / "model.onnx"
     # The TorchScript exporter: it traces our plain-tensor wrapper in seconds and needs no
     # extra packages; dynamic batch and sequence axes are declared explicitly.
@@ -32,7 +34,7 @@ def export(model, task, labels, meta, inputs: dict, reference, tmp: Path, *, qua
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, tuple(inputs[n] for n in names), str(path), input_names=list(names),
-                          output_names=["logits"], dynamic_axes={**dynamic, "logits": {0: "batch"}}, opset_version=17,
+                          output_names=["logits"], dynamic_axes={**dynamic, "logits": outputs}, opset_version=17,
                           dynamo=False)
     report = {"files": ["model.onnx"]}
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -66,7 +68,8 @@ def write_preprocessing(task, labels, meta, tmp: Path, names) -> None:
     if modality_of(task.modality).tokenized:
         task.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         settings.update(max_length=task.max_length, pooling=meta["task"].get("pooling"),
-                        tokenizer="tokenizer/", padding="right, to the longest in the batch")
+                        tokenizer="tokenizer/", padding="right, to the longest in the batch",
+                        task=meta["task"], task_settings=task.settings())
     else:
         settings["preprocessing"] = task.preprocessing
     (tmp / "preprocessing.json").write_text(json.dumps(settings, indent=2))

@@ -212,10 +212,8 @@ class Recipe(_Section):
         self.strategy.check(self)  # the strategy's capabilities vs the rest (QLoRA, output.merge)
         from .evaluation.names import check_metric_name
 
-        if self.train.eval_before is None:  # a declared capability of the task, never its name
-            from .tasks import task_class
-
-            self.train.eval_before = bool(task_class(self.task.type).generative)
+        if self.train.eval_before is None:  # declared by the task's options, never by its name
+            self.train.eval_before = type(self.task).eval_before_default
         if self.train.metric_for_best is None:
             self.train.metric_for_best = type(self.task).default_metric
         check_metric_name(self.train.metric_for_best, task=self.task)

@@ -59,6 +59,8 @@ def test_builtin_tasks_are_discovered_and_own_their_keys():
         if name in legacy:
             dumped = load_recipe({"model": {"name": "efficientnet-lite0" if name == "image-classification" else "/llm"},
                                   "task": {"type": name}}).dump()["task"]
+            if "generation" in dumped:  # generation options added since (group_by) keep out of the old block
+                dumped["generation"] = {k: v for k, v in dumped["generation"].items() if k in LEGACY_TASK["generation"]}
             assert dumped == {k: v for k, v in LEGACY_TASK.items() if k in dumped} | {"type": name}
         for field_name, field in task_options_class(name).model_fields.items():
             assert field.description and "\n" not in field.description, (name, field_name)

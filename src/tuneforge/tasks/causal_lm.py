@@ -37,6 +37,7 @@ from .options import TYPE_DOC, ChatTemplate, Generation, MaxLength, TaskOptions,
 class CausalLMOptions(TaskOptions):
     """Supervised / instruction fine-tuning and continued pre-training of a decoder LLM on chat, prompt-completion, Alpaca or plain-text data: next-token loss (on the replies by default) through the model's own LM head; no new weights on top."""
 
+    eval_before_default: ClassVar[bool] = True  # the before -> after change is the figure users want
     type: str = Field("causal-lm", description=TYPE_DOC)
     format: Literal["auto", "chat", "sharegpt", "prompt-completion", "alpaca", "text"] = Field("auto", description="causal-lm data shape: chat {messages: [{role, content}]}, sharegpt {conversations: [{from: human|gpt|system, value}], system?} (LLaMA-Factory), prompt-completion {prompt, completion}, alpaca {instruction, input, output}, text {text} or a .txt file; auto detects it per record.")
     chat_template: ChatTemplate = "auto"

@@ -91,6 +91,9 @@ class RewardSpec(Section):
 class GrpoOptions(TaskOptions):
     """Online RL with verifiable rewards (GRPO): sample a group of completions per prompt, score them with rewards (exact match, regex, format, length, your own functions), and raise the reward of the better ones in each group, with a KL penalty to the reference model."""
 
+    # task.baseline_eval measures the starting weights (rewards, cached for resume); the generic step-0
+    # evaluation (train.eval_before) would generate the same held-out answers again
+    eval_before_default: ClassVar[bool] = False
     type: str = Field("grpo", description=TYPE_DOC)
     chat_template: ChatTemplate = "auto"
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(type="exact_match")], min_length=1, description="grpo: the rewards, each {type, weight, ...}; a completion's reward is their weighted sum.")
@@ -130,10 +133,6 @@ class GrpoOptions(TaskOptions):
 
     def check(self, recipe) -> None:
         refuse_encoder_alias(recipe, f"task.type {self.type} needs")
-        if recipe.train.eval_before is None:
-            # task.baseline_eval already measures the starting weights (rewards, cached for resume);
-            # the engine's generic step-0 evaluation would generate the same held-out answers again
-            recipe.train.eval_before = False
         for i, spec in enumerate(self.rewards):
             if spec.type == "function":
                 try:

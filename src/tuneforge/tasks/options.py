@@ -39,6 +39,9 @@ class TaskOptions(Section):
     modality: ClassVar[str] = "text"
     # train.metric_for_best when the recipe leaves it unset
     default_metric: ClassVar[str] = "loss"
+    # train.eval_before when the recipe leaves it unset: on where the change from the starting
+    # weights is the figure to see (causal-lm, preference); a classifier's new head starts at chance
+    eval_before_default: ClassVar[bool] = False
 
     @property
     def task_has_head(self) -> bool:

@@ -163,6 +163,7 @@ class PreferenceMetrics:
 class PreferenceOptions(TaskOptions):
     """Learn to prefer the chosen reply over the rejected one (prompt/chosen/rejected records) with DPO or SimPO, on a decoder LLM and its own LM head."""
 
+    eval_before_default: ClassVar[bool] = True  # the before -> after change is the figure users want
     type: str = Field("preference", description=TYPE_DOC)
     chat_template: ChatTemplate = "auto"
     generation: Generation

@@ -121,7 +121,7 @@ def build_model(job) -> None:
     if job.init_from:
         from .resume import warm_start
 
-        warm_start(model, job.init_from, job.labels, log)
+        job.warm_start = warm_start(model, job.init_from, job.labels, log)
     strategy = get_strategy(recipe.strategy)
     if strategy.chooses:  # `auto`: pick a concrete strategy from the facts of this run
         job.decision = strategy.decide({

@@ -238,6 +238,8 @@ def load_model_dir(directory: Path):
     task_block = task_block_from_saved(meta["task"])
     recipe = recipe_from_dict({"task": task_block, "model": meta["base_model"], "strategy": {"name": meta["strategy"]}})
     task = get_task(recipe)
+    if recipe.task.reference_model:  # DPO against a separate reference: `tuneforge eval` loads it when needed
+        task.reference_source = reference_loader(recipe.task.reference_model)
     loaded = _load_base(meta, directory)
     task.attach(loaded)
     task.restore(meta.get("task_settings", {}))  # what the task decided while training: lengths, template, sizes
@@ -278,6 +280,47 @@ def _reapply_strategy(model, loaded, meta: dict, directory: Path):
                              f"(unexpected: {', '.join(unexpected[:3]) or 'none'}; missing: {', '.join(absent[:3]) or 'none'}); "
                              "was the base model changed since the run? Retrain, or restore the base model")
     return model
+
+
+def reference_loader(spec: str, *, where: str = "task.reference"):
+    """A separate reference model (DPO's ``task.reference``): a run directory, whose final model
+    is used with its adapters merged, or a model directory/alias. Checked now (before anything is
+    written), loaded only when called: -> ``() -> (CausalLM, tokenizer, what it is)``."""
+    from ..models.loader import _resolve_source
+
+    path = Path(spec)
+    if (path / "tuneforge.json").exists() or (path / "model" / "tuneforge.json").exists():
+        return lambda: _reference_from_run(path, where)
+    if path.exists() and not (path / "config.json").exists():
+        raise TuneforgeError(f"{where} {spec!r} is neither a tuneforge run (no model/tuneforge.json) nor a Hugging "
+                             "Face model directory (no config.json); give the SFT run's directory, or a model "
+                             "directory or alias sharing model.name's tokenizer")
+    try:
+        _resolve_source(spec)
+    except TuneforgeError as err:
+        raise TuneforgeError(f"{where} {spec!r}: {err}") from None
+    return lambda: _reference_from_model(spec, where)
+
+
+def _reference_from_run(path: Path, where: str):
+    from ..strategies.base import merged_module
+
+    model, task, _, meta = load_model_dir(path)
+    if not task.generative:
+        raise TuneforgeError(f"{where} {str(path)!r} is a {meta['task']['type']} run; a reference model is a causal "
+                             "LM: give a causal-lm or preference run (e.g. the SFT run)")
+    return merged_module(model), task.tokenizer, f"the model of run {path} (adapters merged)"
+
+
+def _reference_from_model(spec: str, where: str):
+    from ..llm.model import CausalLM
+    from ..models import load_model
+
+    try:
+        loaded = load_model(spec, causal_lm=True)
+    except TuneforgeError as err:
+        raise TuneforgeError(f"{where} {spec!r}: {err}") from None
+    return CausalLM(loaded.backbone, loaded.lm_head, loaded.lm), loaded.tokenizer, f"model {spec}"
 
 
 def load_head(run_dir) -> tuple:

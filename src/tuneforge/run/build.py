@@ -58,6 +58,10 @@ def read_data(job) -> None:
 
     recipe, log = job.recipe, job.log
     job.task = task = get_task(recipe)
+    if recipe.task.reference_model:  # DPO's separate reference: checked now, loaded by the task when needed
+        from .artifact import reference_loader
+
+        task.reference_source = reference_loader(recipe.task.reference_model)
     data = recipe.data
     if not data.train:
         raise TuneforgeError("data.train is not set; point it at a CSV/TSV/JSONL/Parquet file or an image folder")

@@ -47,14 +47,19 @@ def test_builtin_tasks_are_discovered_and_own_their_keys():
     keys = {name: set(task_options_class(name).model_fields) for name in task_names()}
     assert keys["image-classification"] == {"type", "image_size", "head_dropout"}
     assert keys["causal-lm"] == {"type", "format", "chat_template", "train_on", "packing", "generation", "max_length"}
-    assert keys["preference"] == {"type", "chat_template", "generation", "loss", "beta", "simpo_gamma", "max_length"}
+    assert keys["preference"] == {"type", "chat_template", "generation", "loss", "beta", "simpo_gamma", "max_length",
+                                  "reference"}
     assert "packing" not in keys["text-classification"] and "pooling" in keys["text-classification"]
-    # together they hold exactly the old flat block's fields, each with its old default
-    assert set().union(*keys.values()) == set(LEGACY_TASK)
+    # together they hold exactly the old flat block's fields, each with its old default, and the
+    # fields added since (preference's reference model, issue 15)
+    added = {"reference"}
+    assert set().union(*keys.values()) - added == set(LEGACY_TASK)
     for name in task_names():
         dumped = load_recipe({"model": {"name": "efficientnet-lite0" if name == "image-classification" else "/llm"},
                               "task": {"type": name}}).dump()["task"]
-        assert dumped == {k: v for k, v in LEGACY_TASK.items() if k in dumped} | {"type": name}
+        assert {k: v for k, v in dumped.items() if k not in added} == \
+            {k: v for k, v in LEGACY_TASK.items() if k in dumped} | {"type": name}
+        assert all(dumped[k] is None for k in added if k in dumped)  # off unless set
         for field_name, field in task_options_class(name).model_fields.items():
             assert field.description and "\n" not in field.description, (name, field_name)
 

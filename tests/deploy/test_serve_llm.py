@@ -170,3 +170,24 @@ def test_wrong_model_bad_json_and_auth(server, client):
     assert 'tuneforge_requests_total{endpoint="/v1/chat/completions",status="404"}' in metrics
     assert 'tuneforge_requests_total{endpoint="/v1/completions",status="400"}' in metrics
     assert 'tuneforge_errors_total{reason="auth"}' in metrics and 'tuneforge_tokens_total{kind="completion"}' in metrics
+
+
+def test_concurrent_requests_wait_their_turn_and_get_their_own_replies(server, client):
+    """One generation at a time: concurrent requests (streamed and not) each get exactly the reply
+    they get alone, while the handlers count tokens beside a running generation."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [[{"role": "user", "content": f"reverse {w}"}] for w in ("abc", "dge", "fab", "ced")]
+
+    def ask(i):
+        messages = prompts[i % len(prompts)]
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model=server["model"], messages=messages, max_tokens=6, temperature=0, stream=True) if c.choices)
+        return client.chat.completions.create(model=server["model"], messages=messages, max_tokens=6,
+                                              temperature=0).choices[0].message.content
+
+    alone = [ask(i) for i in range(len(prompts))]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(ask, range(12)))
+    assert together == [alone[i % len(prompts)] for i in range(12)]  # i and i % 4 are both even or both odd

@@ -44,6 +44,7 @@ class Generator:
         self.model.to(self.device)
         self.settings = self.meta["task"].get("generation", {})
         self.lock = threading.Lock()  # one generation at a time touches the model (and its tokenizer)
+        self._counter, self._counter_lock = None, threading.Lock()
 
     @property
     def context_length(self) -> int:
@@ -79,7 +80,15 @@ class Generator:
         return self.task.template.prompt(messages)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.task.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Tokens of a text, with a copy of the tokenizer: a request handler counts while a
+        generation decodes, and one fast tokenizer used from two threads at once may refuse
+        ("Already borrowed")."""
+        if self._counter is None:
+            import copy
+
+            self._counter = copy.deepcopy(self.task.tokenizer)
+        with self._counter_lock:
+            return len(self._counter(text, add_special_tokens=False)["input_ids"])
 
     def stream(self, prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, seed: int | None = None, stop: list[str] = (),
@@ -105,8 +114,8 @@ class Generator:
                 return True
             return text.feed(token) or (cancelled is not None and cancelled.is_set())
 
-        prompt_tokens = self.count_tokens(prompt)
         with self.lock:
+            prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
             generate(self.model, tokenizer, [prompt], greedy=temperature == 0, temperature=temperature or 1.0,
                      top_p=top_p, seed=secrets.randbits(63) if seed is None else seed % 2**63,
                      max_new_tokens=max_tokens, stop_ids=sorted(stop_ids), device=self.device, on_token=on_token)

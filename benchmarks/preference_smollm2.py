@@ -4,7 +4,8 @@ docs/preference.md ("On real weights").
     # 1. the data: ShareGPT pairs -> prompt/chosen/rejected JSONL, the last 50 pairs held out;
     #    alpaca rows, the last 100 held out (written into OUT, never into the project)
     python benchmarks/preference_smollm2.py prepare --dpo ../shared/data/instruct/dpo_en_demo.json \\
-        --alpaca ../shared/data/instruct/alpaca_en_demo.json --out /tmp/pref
+        --alpaca ../shared/data/instruct/alpaca_en_demo.json --out /tmp/pref --held-pairs 24 \\
+        --tokenizer /work/models/smollm2-135m-hf --max-prompt-tokens 112
     # 2. the runs (tuneforge train; commands in docs/preference.md)
     # 3. the figures: held-out NLL per reply token of alpaca replies and of the chosen replies, for
     #    the base model and every run, beside each preference run's eval.json and its reference's scores
@@ -31,7 +32,8 @@ from pathlib import Path
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
-def prepare(dpo: Path, alpaca: Path, out: Path, held_pairs: int, held_alpaca: int) -> None:
+def prepare(dpo: Path, alpaca: Path, out: Path, held_pairs: int, held_alpaca: int, tokenizer: str | None,
+            max_prompt_tokens: int | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = json.loads(dpo.read_text())
 
@@ -40,6 +42,15 @@ def prepare(dpo: Path, alpaca: Path, out: Path, held_pairs: int, held_alpaca: in
 
     pairs = [{"prompt": turns(r["conversations"]), "chosen": turns([r["chosen"]]), "rejected": turns([r["rejected"]])}
              for r in rows]
+    if max_prompt_tokens:  # prompts that leave room for the replies within a short task.max_length
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        n = len(pairs)
+        pairs = [p for p in pairs if len(tok(tok.apply_chat_template(p["prompt"], tokenize=False,
+                                                                     add_generation_prompt=True))["input_ids"])
+                 <= max_prompt_tokens]
+        print(f"pairs whose templated prompt is at most {max_prompt_tokens} tokens: {len(pairs)} of {n}")
     for name, part in (("train", pairs[:-held_pairs]), ("heldout", pairs[-held_pairs:])):
         (out / f"dpo-{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in part))
     records = json.loads(alpaca.read_text())
@@ -86,15 +97,16 @@ def reply_nll(model, tokenizer, conversations: list[list[dict]], max_length: int
             "tokens": tokens}
 
 
-def measure(base: str, alpaca_heldout: Path, pairs_heldout: Path | None, runs: list[str], max_length: int) -> None:
+def measure(base: str, alpaca_heldout: Path, pairs_heldout: Path | None, runs: list[str], max_length: int,
+            alpaca_rows: int | None) -> None:
     from tuneforge.llm.formats import read_lm_records
 
-    alpaca = [r.values["messages"] for r in read_lm_records(alpaca_heldout)]
+    alpaca = [r.values["messages"] for r in read_lm_records(alpaca_heldout, limit=alpaca_rows)]
     chosen = []
     if pairs_heldout:
         chosen = [p["prompt"] + p["chosen"] for p in map(json.loads, pairs_heldout.read_text().splitlines())]
     rows = []
-    for path in [base, *runs]:
+    for path in ([base] if base else []) + list(runs):
         t0 = time.perf_counter()
         model, tokenizer = _model(path)
         row = {"model": path, "alpaca_heldout": reply_nll(model, tokenizer, alpaca, max_length)}
@@ -123,17 +135,24 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--held-pairs", type=int, default=50)
     p.add_argument("--held-alpaca", type=int, default=100)
+    p.add_argument("--tokenizer", default=None, help="with --max-prompt-tokens: the model directory whose chat "
+                                                      "template and tokenizer count the prompt")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="keep only pairs with prompts this short")
     m = sub.add_parser("measure")
     m.add_argument("--base", required=True, help="the model before SFT (a model directory or alias)")
     m.add_argument("--alpaca-heldout", type=Path, required=True)
     m.add_argument("--pairs-heldout", type=Path, default=None, help="held-out pairs: NLL of their chosen replies")
     m.add_argument("--runs", nargs="*", default=[])
     m.add_argument("--max-length", type=int, default=256)
+    m.add_argument("--alpaca-rows", type=int, default=None, help="only the first N held-out alpaca rows")
+    m.add_argument("--skip-base", action="store_true", help="measure the runs only")
     args = parser.parse_args()
     if args.cmd == "prepare":
-        prepare(args.dpo, args.alpaca, args.out, args.held_pairs, args.held_alpaca)
+        prepare(args.dpo, args.alpaca, args.out, args.held_pairs, args.held_alpaca, args.tokenizer,
+                args.max_prompt_tokens)
     else:
-        measure(args.base, args.alpaca_heldout, args.pairs_heldout, args.runs, args.max_length)
+        measure(None if args.skip_base else args.base, args.alpaca_heldout, args.pairs_heldout, args.runs,
+                args.max_length, args.alpaca_rows)
 
 
 if __name__ == "__main__":

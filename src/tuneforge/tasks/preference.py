@@ -342,7 +342,8 @@ class PreferenceTask(CausalLMTask):
             if cached is not None and set(cached) == set(datasets):
                 for split, dataset in datasets.items():
                     dataset.reference = cached[split]
-                self.reference_info = {"file": REFERENCE_FILE, "reused": True, "model": what or "the starting policy"}
+                self.reference_info = {"file": REFERENCE_FILE, "reused": True, "model": what or "the starting policy",
+                                       "scores": {split: reference_scores(d) for split, d in datasets.items()}}
                 log(f"reference log-probs reused from {path}")
                 return
             with (contextlib.nullcontext(separate) if separate is not None else reference_model(model)) as ref, \

@@ -97,14 +97,44 @@ def reply_nll(model, tokenizer, conversations: list[list[dict]], max_length: int
             "tokens": tokens}
 
 
+def pair_scores(model, tokenizer, pairs: list[dict], max_length: int) -> dict:
+    """Per held-out pair, the summed log-prob and token count of each reply (cut at ``max_length``
+    as the runs cut them): how often the chosen reply gets more log-prob (``logp_accuracy``, the
+    raw preference) and more log-prob per token (``norm_accuracy``: SimPO's reward before training)."""
+    import torch
+    from torch.nn import functional as F
+
+    raw = norm = kept = 0
+    with torch.inference_mode():
+        for p in pairs:
+            prompt = tokenizer.apply_chat_template(p["prompt"], add_generation_prompt=True, tokenize=False)
+            start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            scores = []
+            for side in ("chosen", "rejected"):
+                full = tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=False)
+                ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+                if start >= len(ids):
+                    break
+                logits = model(torch.tensor([ids]))[0].float()
+                logp = -float(F.cross_entropy(logits[start - 1:-1], torch.tensor(ids[start:]), reduction="sum"))
+                scores.append((logp, len(ids) - start))
+            if len(scores) < 2:
+                continue  # a prompt that leaves no reply token (the runs drop these pairs too)
+            kept += 1
+            raw += scores[0][0] > scores[1][0]
+            norm += scores[0][0] / scores[0][1] > scores[1][0] / scores[1][1]
+    return {"pairs": kept, "logp_accuracy": round(raw / max(kept, 1), 4), "norm_accuracy": round(norm / max(kept, 1), 4)}
+
+
 def measure(base: str, alpaca_heldout: Path, pairs_heldout: Path | None, runs: list[str], max_length: int,
             alpaca_rows: int | None) -> None:
     from tuneforge.llm.formats import read_lm_records
 
     alpaca = [r.values["messages"] for r in read_lm_records(alpaca_heldout, limit=alpaca_rows)]
-    chosen = []
+    chosen, pairs = [], []
     if pairs_heldout:
-        chosen = [p["prompt"] + p["chosen"] for p in map(json.loads, pairs_heldout.read_text().splitlines())]
+        pairs = [json.loads(line) for line in pairs_heldout.read_text().splitlines()]
+        chosen = [p["prompt"] + p["chosen"] for p in pairs]
     rows = []
     for path in ([base] if base else []) + list(runs):
         t0 = time.perf_counter()
@@ -112,6 +142,7 @@ def measure(base: str, alpaca_heldout: Path, pairs_heldout: Path | None, runs: l
         row = {"model": path, "alpaca_heldout": reply_nll(model, tokenizer, alpaca, max_length)}
         if chosen:
             row["chosen_heldout"] = reply_nll(model, tokenizer, chosen, max_length)
+            row["pairs_heldout"] = pair_scores(model, tokenizer, pairs, max_length)
         evaluation = Path(path) / "eval.json"
         if evaluation.exists():
             val = json.loads(evaluation.read_text())["validation"]

@@ -128,7 +128,13 @@ def pair_scores(model, tokenizer, pairs: list[dict], max_length: int) -> dict:
 
 def measure(base: str, alpaca_heldout: Path, pairs_heldout: Path | None, runs: list[str], max_length: int,
             alpaca_rows: int | None) -> None:
+    import torch
+
     from tuneforge.llm.formats import read_lm_records
+
+    # as the runs do (train.flush_denormal): denormal floats in a trained model's activations made
+    # CPU matmuls many times slower
+    torch.set_flush_denormal(True)
 
     alpaca = [r.values["messages"] for r in read_lm_records(alpaca_heldout, limit=alpaca_rows)]
     chosen, pairs = [], []

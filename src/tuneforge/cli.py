@@ -265,7 +265,7 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, batching=not args.no_batching,
                       max_items=args.max_items, max_text_chars=args.max_text_chars,
                       max_body_bytes=args.max_body_mb << 20, api_keys=load_api_keys(file=args.api_key_file),
-                      adapters=_adapters(args.adapter))
+                      adapters=_adapters(args.adapter), max_tokens=args.max_tokens)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_keys:
         _console().print(f"[yellow]warning: serving on {args.host} without API keys; set TUNEFORGE_API_KEYS or "
                          "--api-key-file to require one[/]")
@@ -488,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     ex.set_defaults(fn=cmd_export)
 
-    sv = sub.add_parser("serve", help="serve a run's model over HTTP (micro-batched; needs the serve extra)")
+    sv = sub.add_parser("serve", help="serve a run's model over HTTP: /v1/predict for classifiers (micro-batched), "
+                                      "OpenAI-style /v1/chat/completions for causal-lm runs (needs the serve extra)")
     sv.add_argument("run_dir")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
@@ -504,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
                     help="serve another LoRA run of the same base too, chosen per request with \"adapter\": NAME "
                          "(one base model in memory)")
+    sv.add_argument("--max-tokens", type=int, default=1024,
+                    help="causal-lm runs: the largest max_tokens a chat/text completion request may ask for")
     sv.set_defaults(fn=cmd_serve)
 
     g = sub.add_parser("generate", help="answer prompts with a causal-lm run's model")

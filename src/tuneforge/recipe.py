@@ -42,6 +42,7 @@ class ModelSection(_Section):
     key_map: Optional[str] = Field(None, description="Key-mapping hook for `weights`: a registered name (e.g. efficientnet_pytorch) or 'package.module:function'.")
     trust_remote_code: bool = Field(False, description="Allow a Hugging Face model directory to run its own Python code. Off unless you trust the source.")
     load_in_4bit: bool = Field(False, description="QLoRA: load the Hugging Face model's linear weights in 4-bit NF4 (bitsandbytes; CUDA only, extra 'qlora') and train LoRA adapters on top in bf16. Needs strategy lora.")
+    init_from: Optional[str] = Field(None, description="Warm start: a run directory whose final model (adapters merged) starts this run, e.g. the SFT run a DPO run continues; the strategy is applied on top. `--init-from RUN` sets it.")
 
 
 class SplitColumns(_Section):

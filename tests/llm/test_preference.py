@@ -234,7 +234,8 @@ def test_pairs_carry_loss_on_the_replies_only(tiny, tmp_path):
     with torch.no_grad():
         out = task.forward(model, task.collate([dataset[0], dataset[1]]))
     assert float(out["loss_sum"] / out["count"]) == pytest.approx(math.log(2), abs=1e-6)
-    assert out["logits"].abs().max() < 1e-5 and out["logits"].shape == (2, 2)
+    assert out["logits"][:, :2].abs().max() < 1e-5 and out["logits"].shape == (2, 4)  # rewards, then log-probs
+    torch.testing.assert_close(out["logits"][:, 2:], out["logps"])
     # truncation keeps the prompt's start; a pair left without a reply token is dropped and counted
     start = [labels.index(next(x for x in labels if x != -100)) for _, labels in (p["chosen"] for p in dataset.pairs)]
     cut = start[1] + 2  # inside the second pair's reply, before the first pair's (multi-turn) reply begins

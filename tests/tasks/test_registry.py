@@ -48,19 +48,22 @@ def test_builtin_tasks_are_discovered_and_own_their_keys():
     keys = {name: set(task_options_class(name).model_fields) for name in task_names()}
     assert keys["image-classification"] == {"type", "image_size", "head_dropout"}
     assert keys["causal-lm"] == {"type", "format", "chat_template", "train_on", "packing", "generation", "max_length"}
-    assert keys["preference"] == {"type", "chat_template", "generation", "loss", "beta", "simpo_gamma", "max_length"}
+    assert keys["preference"] == {"type", "chat_template", "generation", "loss", "beta", "simpo_gamma", "max_length",
+                                  "reference"}
     assert "packing" not in keys["text-classification"] and "pooling" in keys["text-classification"]
     assert keys["grpo"] >= {"type", "chat_template", "rewards", "reward_paths", "group_size", "beta", "max_length"}
     # the tasks of the old flat block hold exactly its fields, each with its old default (tasks added
     # since then, such as grpo and token-classification, bring their own)
     legacy = ["causal-lm", "image-classification", "preference", "text-classification"]
-    assert set().union(*(keys[n] for n in legacy)) == set(LEGACY_TASK)
+    added = {"reference"}  # fields added to the old tasks since (preference's reference model, issue 15)
+    assert set().union(*(keys[n] for n in legacy)) - added == set(LEGACY_TASK)
     for name in task_names():
         if name in legacy:
             dumped = load_recipe({"model": {"name": "efficientnet-lite0" if name == "image-classification" else "/llm"},
                                   "task": {"type": name}}).dump()["task"]
             if "generation" in dumped:  # generation options added since (group_by) keep out of the old block
                 dumped["generation"] = {k: v for k, v in dumped["generation"].items() if k in LEGACY_TASK["generation"]}
+            assert all(dumped.pop(k) is None for k in added if k in dumped)  # off unless set
             assert dumped == {k: v for k, v in LEGACY_TASK.items() if k in dumped} | {"type": name}
         for field_name, field in task_options_class(name).model_fields.items():
             assert field.description and "\n" not in field.description, (name, field_name)

@@ -33,6 +33,7 @@ from pathlib import Path
 from ..errors import TuneforgeError
 from ..modalities import MODALITIES, modality_of
 from .batcher import BadInput, Batcher, log
+from .openai_chat import lone_surrogate as _lone_surrogate  # one check for both wire formats
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ServeConfig:
     max_image_pixels: int = 40_000_000
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     adapters: dict[str, str] = field(default_factory=dict)  # name -> LoRA run on the same base, chosen per request
+    max_tokens: int = 1024  # causal-lm runs: the largest max_tokens a completion request may ask for
 
 
 def load_api_keys(env: str = "TUNEFORGE_API_KEYS", file: str | None = None) -> list[str]:
@@ -93,15 +95,6 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _lone_surrogate(text: str) -> int | None:
-    """Where a text holds half of a UTF-16 pair (JSON allows "\\ud800"; no tokenizer takes it)."""
-    try:
-        text.encode("utf-8")
-        return None
-    except UnicodeEncodeError as err:
-        return err.start
-
-
 def _json_type(value) -> str:
     names = {dict: "an object", list: "an array", type(None): "null", bool: "a boolean", int: "a number",
              float: "a number"}
@@ -123,27 +116,37 @@ page blank on a machine without internet, and tuneforge downloads nothing at run
 """
 
 
-def create_app(run_dir, cfg: ServeConfig | None = None):
+@dataclass
+class Guarded:
+    """What both kinds of server share: the app with its guard middleware (auth, body size, the
+    500 answer, metrics by route), the metrics, ``fail`` (a counted 4xx) and ``read_body``."""
+
+    app: object
+    metrics: dict
+    registry: object
+    fail: object
+    read_body: object
+
+
+def _fastapi():
     try:
-        from fastapi import FastAPI, HTTPException, Request
-        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-        from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-        from starlette.routing import Match
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
     except ImportError:
         raise TuneforgeError("tuneforge serve needs FastAPI, uvicorn and prometheus-client: "
                              "pip install 'tuneforge[serve]'") from None
-    from contextlib import asynccontextmanager
 
-    from .predictor import Predictor
 
-    cfg = cfg or ServeConfig()
-    run_dir = Path(run_dir)
-    predictor = Predictor(run_dir)
-    modality = predictor.meta["modality"]
-    spec = modality_of(modality)  # request field, whether inputs are files (images), ...
-    field_name = spec.request_field
-    others = {m.request_field: m.name for m in MODALITIES.values() if m.request_field != field_name}
-    label_maps = {"default": predictor.labels, **_load_adapters(predictor, run_dir, cfg.adapters)}
+def guarded_app(cfg: "ServeConfig", *, description: str, lifespan, open_paths=("/health", "/docs", "/openapi.json"),
+                extra_metrics=None, error_body=None) -> Guarded:
+    """A FastAPI app behind the server's guards, with ``/health`` and ``/metrics``.
+    ``error_body(status, reason, detail) -> dict``: the JSON of a refusal (default ``{"detail"}``;
+    the OpenAI endpoints add their ``error`` object)."""
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from starlette.routing import Match
+
     registry = CollectorRegistry()
     metrics = {
         # endpoint: the route's path template, or "unmatched" for every unknown path, so that
@@ -151,26 +154,16 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
         "requests": Counter("tuneforge_requests", "Requests by endpoint and status", ["endpoint", "status"],
                             registry=registry),
         "latency": Histogram("tuneforge_request_seconds", "Request latency", ["endpoint"], registry=registry,
-                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)),
-        "batch": Histogram("tuneforge_batch_size", "Inputs per model call", registry=registry,
-                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
+                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)),
         "errors": Counter("tuneforge_errors", "Requests answered with an error, by reason", ["reason"],
                           registry=registry),
     }
-    batcher = Batcher(predictor, cfg, metrics, fixed_shape=not spec.variable_length)
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        batcher.start()
-        yield
-        await batcher.stop()  # graceful: what is queued is answered before the worker stops
-
-    # docs_url/redoc_url off: both pages load their assets from a CDN (blank offline); /docs below says so
-    app = FastAPI(title="tuneforge", description=f"Predictions of the model fine-tuned in {run_dir.name}",
-                  lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.predictor, app.state.batcher = predictor, batcher
+    for name, make in (extra_metrics or {}).items():
+        metrics[name] = make(registry)
+    body_of = error_body or (lambda status, reason, detail: {"detail": detail})
+    # docs_url/redoc_url off: both pages load their assets from a CDN (blank offline); /docs says so
+    app = FastAPI(title="tuneforge", description=description, lifespan=lifespan, docs_url=None, redoc_url=None)
     keys = [k.encode() for k in cfg.api_keys]
-    open_paths = ("/health", "/docs", "/openapi.json")
 
     def fail(status: int, reason: str, detail: str):
         metrics["errors"].labels(reason).inc()
@@ -191,7 +184,7 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
         def answer(status: int, reason: str, detail: str, headers=None):
             metrics["errors"].labels(reason).inc()
             metrics["requests"].labels(endpoint, str(status)).inc()
-            return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+            return JSONResponse(body_of(status, reason, detail), status_code=status, headers=headers)
 
         if keys and request.url.path not in open_paths:
             given, why = _key_of(request.headers)
@@ -227,6 +220,70 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
                 fail(413, "too_large", f"request body exceeds {cfg.max_body_bytes:,} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    return Guarded(app, metrics, registry, fail, read_body)
+
+
+def _generative(run_dir: Path) -> bool:
+    """Whether a run's model writes text (causal-lm, preference, ...): the task declares it."""
+    from ..run.artifact import _model_dir
+    from ..tasks import task_class
+
+    meta_path = _model_dir(run_dir) / "tuneforge.json"
+    if not meta_path.exists():
+        return False  # the predictor says what is missing
+    meta = json.loads(meta_path.read_text())
+    return bool(task_class(meta["task"]["type"]).generative)
+
+
+def create_app(run_dir, cfg: ServeConfig | None = None):
+    """The server of a run: a classifier's ``/v1/predict``, or for a causal-lm / preference run the
+    OpenAI-style ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models`` (``serve_llm.py``)."""
+    _fastapi()
+    from contextlib import asynccontextmanager
+
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse
+
+    from .predictor import Predictor
+
+    cfg = cfg or ServeConfig()
+    run_dir = Path(run_dir)
+    if _generative(run_dir):
+        from .serve_llm import create_llm_app
+
+        return create_llm_app(run_dir, cfg)
+    predictor = Predictor(run_dir)
+    modality = predictor.meta["modality"]
+    spec = modality_of(modality)  # request field, whether inputs are files (images), ...
+    field_name = spec.request_field
+    others = {m.request_field: m.name for m in MODALITIES.values() if m.request_field != field_name}
+    label_maps = {"default": predictor.labels, **_load_adapters(predictor, run_dir, cfg.adapters)}
+    batcher_box = {}
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        batcher_box["batcher"].start()
+        yield
+        await batcher_box["batcher"].stop()  # graceful: what is queued is answered before the worker stops
+
+    from prometheus_client import Histogram
+
+    guarded = guarded_app(cfg, description=f"Predictions of the model fine-tuned in {run_dir.name}",
+                          lifespan=lifespan, extra_metrics={"batch": lambda registry: Histogram(
+                              "tuneforge_batch_size", "Inputs per model call", registry=registry,
+                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))})
+    app, metrics, fail, read_body = guarded.app, guarded.metrics, guarded.fail, guarded.read_body
+    batcher = batcher_box["batcher"] = Batcher(predictor, cfg, metrics, fixed_shape=not spec.variable_length)
+    app.state.predictor, app.state.batcher = predictor, batcher
 
     def decode_image(data: bytes, i: int):
         from PIL import Image
@@ -330,14 +387,6 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
                 "adapters": {name: labels.names for name, labels in label_maps.items()} if cfg.adapters else None,
                 "batching": {"on": cfg.batching, "max_batch_size": cfg.max_batch_size, "max_wait_ms": cfg.max_wait_ms}}
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
-
     @app.get("/docs", include_in_schema=False)
     async def docs():
         return HTMLResponse(DOCS_PAGE.format(title=app.title, description=app.description, openapi=app.openapi_url,
@@ -346,7 +395,7 @@ def create_app(run_dir, cfg: ServeConfig | None = None):
     return app
 
 
-def startup_lines(cfg: ServeConfig, host: str, port: int) -> list[str]:
+def startup_lines(cfg: ServeConfig, host: str, port: int, generative: bool = False) -> list[str]:
     """What `tuneforge serve` prints before it listens: authentication on or off, batching, the schema."""
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     n = len(cfg.api_keys)
@@ -355,8 +404,13 @@ def startup_lines(cfg: ServeConfig, host: str, port: int) -> list[str]:
             "authentication: off (no API keys; set TUNEFORGE_API_KEYS or --api-key-file to require one)")
     batching = (f"micro-batching: on (up to {cfg.max_batch_size} inputs, waiting up to {cfg.max_wait_ms:g} ms)"
                 if cfg.batching else "micro-batching: off (--no-batching)")
-    return [auth, batching, f"OpenAPI schema: {where}/openapi.json (no Swagger UI: it needs a CDN; {where}/docs "
-                            "says so)", f"predict: POST {where}/v1/predict"]
+    schema = f"OpenAPI schema: {where}/openapi.json (no Swagger UI: it needs a CDN; {where}/docs says so)"
+    if generative:
+        return [auth, "generation: one reply at a time (requests wait their turn), KV-cached; "
+                      f"max_tokens up to {cfg.max_tokens}", schema,
+                f"chat: POST {where}/v1/chat/completions (OpenAI-style, stream: true for server-sent events); "
+                f"text: POST {where}/v1/completions; models: GET {where}/v1/models"]
+    return [auth, batching, schema, f"predict: POST {where}/v1/predict"]
 
 
 def _load_adapters(predictor, run_dir: Path, adapters: dict[str, str]) -> dict:
@@ -408,7 +462,7 @@ def serve(run_dir, *, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfi
         raise TuneforgeError("tuneforge serve needs uvicorn: pip install 'tuneforge[serve]'") from None
     cfg = cfg or ServeConfig()
     app = create_app(run_dir, cfg)
-    for line in startup_lines(cfg, host, port):
+    for line in startup_lines(cfg, host, port, generative=_generative(Path(run_dir))):
         print(line, file=sys.stderr, flush=True)
     # SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight requests finish (up to 30 s),
     # then the lifespan drains the batcher.

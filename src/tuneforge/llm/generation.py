@@ -21,8 +21,12 @@ import torch
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, stop_ids=(), greedy: bool = True,
              temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, device=None, autocast=None,
-             batch_size: int = 16) -> list[str]:
-    """Replies (decoded, stop token removed) for ``prompts`` (already templated texts)."""
+             batch_size: int = 16, on_token=None) -> list[str]:
+    """Replies (decoded, stop token removed) for ``prompts`` (already templated texts).
+
+    ``on_token(prompt_index, token_id) -> bool``: called with every token as it is chosen (the
+    stop token too), in order; returning True ends that prompt's reply there (a stop string
+    seen, a client gone). Streaming is built on it (``deploy/generator.py``)."""
     import contextlib
 
     from .model import _wrapped, core_model
@@ -40,7 +44,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
         chunk = encoded[i:i + step]
         with autocast():
             ids = _generate_batch(core, chunk, max_new_tokens, stop, greedy, temperature, top_p, generator, device,
-                                  tokenizer.pad_token_id or 0)
+                                  tokenizer.pad_token_id or 0,
+                                  on_token=None if on_token is None else (lambda r, t, i=i: on_token(i + r, t)))
         out += [tokenizer.decode(x, skip_special_tokens=False) for x in ids]
     return out
 
@@ -58,7 +63,7 @@ def generate_ids(core, prompts: list[list[int]], *, max_new_tokens: int, stop_id
 
 
 def _generate_batch(core, prompts: list[list[int]], max_new: int, stop, greedy, temperature, top_p, generator, device,
-                    pad_id: int, keep_stop: bool = False) -> list[list[int]]:
+                    pad_id: int, keep_stop: bool = False, on_token=None) -> list[list[int]]:
     from .model import _wrapped
 
     B, longest = len(prompts), max(len(p) for p in prompts)
@@ -83,10 +88,13 @@ def _generate_batch(core, prompts: list[list[int]], max_new: int, stop, greedy, 
         logits = core.lm_head(hidden).float()  # (B, V)
         nxt = _choose(logits, greedy, temperature, top_p, generator)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        ended = torch.isin(nxt, stop)
         for r in range(B):
             if not done[r]:
                 replies[r].append(int(nxt[r]))
-        done |= torch.isin(nxt, stop)
+                if on_token is not None and on_token(r, int(nxt[r])):
+                    ended[r] = True  # the caller ends this reply here
+        done |= ended
         if bool(done.all()):
             break
         step_mask = torch.cat([step_mask, torch.ones((B, 1), dtype=step_mask.dtype, device=device)], 1)

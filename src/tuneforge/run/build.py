@@ -60,6 +60,10 @@ def read_data(job) -> None:
 
     recipe, log = job.recipe, job.log
     job.task = task = get_task(recipe)
+    if recipe.task.reference_model:  # DPO's separate reference: checked now, loaded by the task when needed
+        from .artifact import reference_loader
+
+        task.reference_source = reference_loader(recipe.task.reference_model)
     data = recipe.data
     if not data.train:
         raise TuneforgeError("data.train is not set; point it at a CSV/TSV/JSONL/Parquet file or an image folder")
@@ -125,7 +129,7 @@ def build_model(job) -> None:
     if job.init_from:
         from .resume import warm_start
 
-        warm_start(model, job.init_from, job.labels, log)
+        job.warm_start = warm_start(model, job.init_from, job.labels, log)
     strategy = get_strategy(recipe.strategy)
     if strategy.chooses:  # `auto`: pick a concrete strategy from the facts of this run
         job.decision = strategy.decide({

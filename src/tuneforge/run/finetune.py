@@ -50,7 +50,7 @@ def finetune(recipe: Recipe | dict | str | Path | None = None, *, overrides: lis
 
     ``resume``: a run directory (or ``"auto"``) to continue exactly from its newest valid
     checkpoint; with a run directory the recipe may be left out (the run's own is used).
-    ``init_from``: a run directory whose final weights start a new run.
+    ``init_from``: a run directory whose final weights start a new run (``model.init_from``).
     ``callbacks``: more engine callbacks (``engine/callbacks.py``; each declares its ``order``),
     e.g. the job service's, which streams metrics into its database and stops a cancelled job.
     """
@@ -66,7 +66,9 @@ def finetune(recipe: Recipe | dict | str | Path | None = None, *, overrides: lis
     origin = str(recipe) if isinstance(recipe, (str, Path)) else None
     console = console if console is not None else Console(stderr=True)
     loaded = load_recipe(recipe, overrides) if recipe is not None else recipe_of_run(Path(resume), overrides)
-    job = Job(loaded, origin=origin, argv=argv, overwrite=overwrite, resume=resume, init_from=init_from,
+    if init_from:  # --init-from wins over model.init_from, and is recorded in config.yaml: a resume re-applies it
+        loaded.model.init_from = str(init_from)
+    job = Job(loaded, origin=origin, argv=argv, overwrite=overwrite, resume=resume, init_from=loaded.model.init_from,
               console=console, log=Log(console), callbacks=list(callbacks or ()))
     try:
         resolve_compute(job)

@@ -42,7 +42,7 @@ def finish(job) -> None:
     run.write_json("eval.json", final)
     if recipe.output.save_model:
         save_model(run.model_dir, model=job.model, loaded=job.loaded, strategy=job.strategy, labels=job.labels,
-                   task=job.task, recipe=recipe, merged=merged, warm_started=bool(job.init_from))
+                   task=job.task, recipe=recipe, merged=merged, warm_start=job.warm_start)
 
 
 def before_after(final: dict, minimize: bool) -> list[str]:

@@ -66,6 +66,7 @@ class Job:
     model: Any = None                        # the module that trains (the strategy may wrap it)
     strategy: Any = None                     # the concrete Strategy (auto: the one it chose)
     decision: dict | None = None             # auto's decision, for the manifest
+    warm_start: dict | None = None           # init_from: the source model and its sha256 (artifact.copy_run_weights)
     # -- the run directory
     run: Any = None                          # RunDir (with its lock from check_run_dir on)
     checkpoint: Path | None = None           # the checkpoint a resumed run continues from

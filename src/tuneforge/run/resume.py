@@ -90,7 +90,7 @@ def check_resumable(run_dir: Path, log) -> Path:
 
 # Paths of the recipe: relative ones start where the run started (the manifest's cwd) or where
 # it resumes, so a resume from another directory compares the files, not the spelling.
-_PATHS = ("data.train", "data.validation", "data.test", "model.name", "model.weights", "retain.data",
+_PATHS = ("data.train", "data.validation", "data.test", "model.name", "model.weights", "model.init_from", "retain.data",
           "retain.head_from")
 
 
@@ -149,31 +149,13 @@ def check_same_run(run_dir: Path, recipe, fingerprints: dict) -> None:
                 "(sha256 differs); restore the original file, or start a new run with --init-from " + str(run_dir))
 
 
-def warm_start(model, run_dir: str, labels, log) -> None:
-    """Copy another run's final weights into ``model`` (before the strategy is applied)."""
-    from .artifact import load_model_dir
+def warm_start(model, run_dir: str, labels, log) -> dict:
+    """Copy another run's final weights into ``model`` (before the strategy is applied); -> what
+    its saved model must record to be rebuilt (``artifact.copy_run_weights``)."""
+    from .artifact import copy_run_weights
 
-    from ..strategies.base import merged_module
-
-    source, _, source_labels, _ = load_model_dir(Path(run_dir))
-    source = merged_module(source)  # a LoRA run: its adapter folded into the weights
-    state = source.state_dict()
-    same_labels = source_labels.names == labels.names
-    if not same_labels:
-        state = {k: v for k, v in state.items() if not k.startswith("task_head.")}
-    target = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in target and target[k].shape != v.shape]
-    if mismatched:
-        raise TuneforgeError(f"--init-from {run_dir}: its model does not match this recipe's "
-                             f"({', '.join(mismatched[:3])} differ in shape); use the same model.name")
-    foreign = [k for k in state if k not in target]
-    if foreign:
-        # adapters / prompt or prefix tuning: weights outside the base architecture, which a
-        # warm start (before the strategy is applied) would drop without a word
-        raise TuneforgeError(f"--init-from {run_dir}: its model holds weights the base model has no place for "
-                             f"({', '.join(foreign[:3])}), e.g. adapters or virtual tokens, so they cannot seed a "
-                             "new run; warm-start from a full, partial, bitfit, lora or ia3 run instead")
-    missing, _ = model.load_state_dict(state, strict=False)
-    log(f"warm start: weights from {run_dir} ({len(state)} tensors"
-        + ("; head re-initialised: the label set differs" if not same_labels else "")
+    record = copy_run_weights(model, run_dir, labels, where=f"--init-from {run_dir}")
+    log(f"warm start: weights from {run_dir} ({record['tensors']} tensors"
+        + ("; head re-initialised: the label set differs" if not record["same_labels"] else "")
         + "); optimizer, schedule and data order start fresh")
+    return record

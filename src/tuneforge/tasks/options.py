@@ -62,6 +62,13 @@ class TaskOptions(Section):
         """Names the metric set in errors: "'x' is not a <kind> validation metric"."""
         return self.type
 
+    @property
+    def reference_model(self) -> str | None:
+        """A separate model the task reads before training (DPO's ``task.reference``): floor 2
+        loads it (a run directory or a model) and hands the task a loader, ``reference_source``;
+        tasks cannot load saved runs themselves (that is ``run/artifact.py``'s)."""
+        return None
+
     def check(self, recipe) -> None:
         """The task's own rules across recipe sections; raise ValueError naming the fix."""
 

@@ -22,22 +22,30 @@ activation cache). With a peft strategy (LoRA, IA3) the reference is the policy
 itself with its adapters disabled (``PeftModel.disable_adapter``): the base weights
 are shared, never copied. With ``full`` and other in-place strategies the model
 still holds its initial weights at that point, so the reference is exactly the
-starting policy, again without a second copy. The values are also written to the run
-directory, keyed by a digest of the reference weights, the encoded pairs and the
-precision, so a resumed run reuses them instead of paying for the pass again.
+starting policy, again without a second copy. ``task.reference`` names a separate
+reference instead (an SFT run, or a model directory/alias): it is loaded for that one
+pass (through ``reference_source``, a loader floor 2 hands the task: a saved run is
+``run/artifact.py``'s to load), checked to share the policy's tokenizer, used, and freed.
+The values are also written to the run directory, keyed by a digest of the reference
+weights, the encoded pairs and the precision, so a resumed run reuses them instead of
+paying for the pass again.
 
-``forward`` returns the pairs' implicit rewards (B, 2) as its ``logits``: they are what
-the engine hands to the metrics, and for a preference model they are its scores.
+``forward`` returns (B, 4) ``logits``: the pairs' implicit rewards (chosen, rejected), the
+scores of a preference model, then the policy's own summed log-probs of the two replies,
+from which the metrics also report the raw preference (``logp_accuracy``: does the policy
+give the chosen reply more probability, reference or not) and the NLL per token of the
+chosen replies (``chosen_nll``: did the policy's language modelling survive).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import time
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal, Optional
 
 import torch
 from pydantic import Field
@@ -137,27 +145,66 @@ def _read_reference(path: Path, key: str) -> dict | None:
         return None
 
 
+def check_same_tokenizer(tokenizer, expected, model: nn.Module, where: str) -> None:
+    """DPO compares the log-probs of the *same token ids* under two models: a reference with
+    another vocabulary scores other tokens, silently. Refuse it, naming what differs."""
+    vocab, want = tokenizer.get_vocab(), expected.get_vocab()
+    if vocab != want:
+        extra, missing = sorted(set(vocab) - set(want))[:3], sorted(set(want) - set(vocab))[:3]
+        differ = (f"; e.g. {', '.join(map(repr, extra))} only in the reference" if extra else
+                  f"; e.g. {', '.join(map(repr, missing))} only in the policy's" if missing else
+                  "; the same tokens under other ids")
+        raise TuneforgeError(
+            f"{where}: its tokenizer differs from the policy's ({len(vocab):,} vs {len(want):,} tokens{differ}"
+            + "), so its log-probs would score other tokens; use a reference trained from the same base model "
+            "as model.name (e.g. the SFT run the policy starts from)")
+    rows = core_model(model).lm_head.weight.shape[0]
+    if rows < len(want):
+        raise TuneforgeError(f"{where}: its LM head scores {rows:,} tokens and the tokenizer has {len(want):,}; "
+                             "it is not a model of this tokenizer")
+
+
+def reference_scores(dataset: PreferencePairs) -> dict:
+    """What the reference model itself prefers: the fraction of pairs whose chosen reply it gives
+    more log-probability, and its NLL per token of the chosen replies. With the reference being the
+    starting policy these are the policy's "before" values of ``logp_accuracy`` / ``chosen_nll``
+    (its DPO rewards are all 0 there, by construction)."""
+    ref = dataset.reference  # (N, 2)
+    tokens = sum(sum(x != IGNORE for x in p["chosen"][1][1:]) for p in dataset.pairs)
+    return {"logp_accuracy": round(float((ref[:, 0] > ref[:, 1]).float().mean()), 4),
+            "chosen_nll": round(float(-ref[:, 0].sum()) / max(tokens, 1), 6)}
+
+
 class PreferenceMetrics:
-    """Loss, reward accuracy (chosen reward > rejected), mean margin and mean rewards, streamed."""
+    """Loss, reward accuracy (chosen reward > rejected), mean margin and mean rewards; the policy's
+    raw preference (summed log-prob of chosen > rejected) and NLL per token of the chosen replies;
+    streamed."""
 
     def __init__(self):
-        self.pairs, self.loss_sum, self.correct = 0, 0.0, 0
+        self.pairs, self.loss_sum, self.correct, self.logp_correct = 0, 0.0, 0, 0
         self.chosen_sum = self.rejected_sum = 0.0
+        self.chosen_logp_sum, self.chosen_tokens = 0.0, 0
 
     def update(self, logits, labels, *, loss_sum, count, index=None) -> None:
-        rewards = logits.float()  # (B, 2): the pairs' implicit rewards, chosen and rejected
+        scores = logits.float()  # (B, 4): implicit rewards (chosen, rejected), policy log-probs (chosen, rejected)
+        rewards, logps = scores[:, :2], scores[:, 2:]
         self.pairs += int(count)
         self.loss_sum += float(loss_sum)  # summed over the batch's pairs
         self.correct += int((rewards[:, 0] > rewards[:, 1]).sum())
+        self.logp_correct += int((logps[:, 0] > logps[:, 1]).sum())
         self.chosen_sum += float(rewards[:, 0].sum())
         self.rejected_sum += float(rewards[:, 1].sum())
+        self.chosen_logp_sum += float(logps[:, 0].sum())
+        chosen_rows = labels[: len(scores), 1:]  # (B, T-1): the chosen rows come first (collate)
+        self.chosen_tokens += int((chosen_rows != IGNORE).sum())
 
     def compute(self) -> dict:
         n = max(self.pairs, 1)
         chosen, rejected = self.chosen_sum / n, self.rejected_sum / n
         return {"loss": round(self.loss_sum / n, 6), "reward_accuracy": round(self.correct / n, 4),
                 "reward_margin": round(chosen - rejected, 6), "chosen_reward": round(chosen, 6),
-                "rejected_reward": round(rejected, 6), "pairs": self.pairs}
+                "rejected_reward": round(rejected, 6), "logp_accuracy": round(self.logp_correct / n, 4),
+                "chosen_nll": round(-self.chosen_logp_sum / max(self.chosen_tokens, 1), 6), "pairs": self.pairs}
 
 
 class PreferenceOptions(TaskOptions):
@@ -168,6 +215,7 @@ class PreferenceOptions(TaskOptions):
     chat_template: ChatTemplate = "auto"
     generation: Generation
     loss: Literal["dpo", "simpo"] = Field("dpo", description="preference: DPO (against the frozen reference model; with LoRA the base with adapters disabled) or SimPO (reference-free, length-normalised).")
+    reference: Optional[str] = Field(None, description="preference, DPO: the reference model, when it is not the starting policy: a run directory (its final model, adapters merged, e.g. the SFT run the policy starts from) or a model directory/alias sharing the policy's tokenizer. Loaded once before training for its log-probs, then freed. Unset: the starting policy (LoRA: adapters disabled; full: the step-0 weights).")
     beta: float = Field(0.1, gt=0, description="preference: strength of the preference term (DPO's beta; SimPO uses 2.0-2.5 typically).")
     simpo_gamma: float = Field(0.5, ge=0, description="preference, SimPO: target reward margin (gamma/beta ratio as in the SimPO paper).")
     max_length: MaxLength = None
@@ -183,15 +231,26 @@ class PreferenceOptions(TaskOptions):
         return f"a {self.type} run keeps the model's own LM head (nothing new is learned on top)"
 
     def metric_names(self) -> list[str]:
-        return ["loss", "reward_accuracy", "reward_margin"]
+        return ["loss", "reward_accuracy", "reward_margin", "logp_accuracy", "chosen_nll"]
+
+    @property
+    def reference_model(self) -> str | None:
+        return self.reference if self.loss == "dpo" else None
 
     def check(self, recipe) -> None:
         refuse_encoder_alias(recipe, f"task.type {self.type} needs")
+        if self.reference and self.loss != "dpo":
+            raise ValueError(f"task.reference is DPO's reference model and task.loss is {self.loss}, which has none; "
+                             "remove task.reference or set task.loss: dpo")
 
 
 @register_task("preference", PreferenceOptions)
 class PreferenceTask(CausalLMTask):
     """The causal-lm task's model, tokenizer and templates; pairs, losses and metrics of its own."""
+
+    # task.reference: () -> (reference CausalLM, its tokenizer, what it is); set by floor 2
+    # (run/build.py, run/artifact.py) when the options name a reference_model
+    reference_source: Callable | None = None
 
     def __init__(self, recipe):
         super().__init__(recipe)
@@ -199,6 +258,7 @@ class PreferenceTask(CausalLMTask):
         self.beta = recipe.task.beta
         self.gamma = recipe.task.simpo_gamma
         self.reference_info: dict = {}
+        self._inline_ref: nn.Module | None = None  # `tuneforge eval` with task.reference: loaded once
 
     # -- data ----------------------------------------------------------------------------
     def read(self, split: str, path: str, *, limit: int | None, skipped: list, log=None) -> list:
@@ -264,34 +324,62 @@ class PreferenceTask(CausalLMTask):
     def prepare_reference(self, model: nn.Module, datasets: dict, device, autocast, run_dir: Path, log) -> None:
         """DPO: the reference log-probs of every pair of every split, computed once before the
         first step (or reused from ``run_dir``), stored in the datasets. Must run before any
-        trained weights are loaded: for non-peft strategies the model *is* the reference now."""
+        trained weights are loaded: for non-peft strategies the model *is* the reference now,
+        unless ``task.reference`` names a separate one (loaded here, used, freed)."""
         if self.loss != "dpo":
             return
         t0 = time.perf_counter()
-        settings = {"precision": self.recipe.train.precision, "device": device.type, "template": self.template_name,
-                    "max_length": self.max_length}
-        parts = [reference_digest(model), json.dumps(settings, sort_keys=True)]
-        parts += [f"{split}:{dataset.digest()}" for split, dataset in sorted(datasets.items())]
-        key = hashlib.sha256("|".join(parts).encode()).hexdigest()
-        path = Path(run_dir) / REFERENCE_FILE
-        cached = _read_reference(path, key)
-        if cached is not None and set(cached) == set(datasets):
-            for split, dataset in datasets.items():
-                dataset.reference = cached[split]
-            self.reference_info = {"file": REFERENCE_FILE, "reused": True}
-            log(f"reference log-probs reused from {path}")
-            return
-        with reference_model(model) as ref, torch.no_grad():
-            for split, dataset in datasets.items():
-                dataset.reference = self._reference_logps(ref, dataset, device, autocast)
+        separate = what = ref = None
+        if self.recipe.task.reference:
+            separate, what = self._load_reference(device)
+        try:
+            settings = {"precision": self.recipe.train.precision, "device": device.type, "template": self.template_name,
+                        "max_length": self.max_length}
+            parts = [reference_digest(separate if separate is not None else model), json.dumps(settings, sort_keys=True)]
+            parts += [f"{split}:{dataset.digest()}" for split, dataset in sorted(datasets.items())]
+            key = hashlib.sha256("|".join(parts).encode()).hexdigest()
+            path = Path(run_dir) / REFERENCE_FILE
+            cached = _read_reference(path, key)
+            if cached is not None and set(cached) == set(datasets):
+                for split, dataset in datasets.items():
+                    dataset.reference = cached[split]
+                self.reference_info = {"file": REFERENCE_FILE, "reused": True, "model": what or "the starting policy",
+                                       "scores": {split: reference_scores(d) for split, d in datasets.items()}}
+                log(f"reference log-probs reused from {path}")
+                return
+            with (contextlib.nullcontext(separate) if separate is not None else reference_model(model)) as ref, \
+                    torch.no_grad():
+                for split, dataset in datasets.items():
+                    dataset.reference = self._reference_logps(ref, dataset, device, autocast)
+        finally:
+            if separate is not None:  # freed before the policy trains: only its log-probs are kept
+                separate = ref = None
+                gc.collect()
         from safetensors.torch import save_file
 
         save_file({s: d.reference for s, d in datasets.items()}, str(path), metadata={"key": key})
         seconds = round(time.perf_counter() - t0, 2)
-        self.reference_info = {"file": REFERENCE_FILE, "reused": False, "seconds": seconds}
-        how = "the base model with adapters disabled" if hasattr(model, "disable_adapter") else "the initial weights"
+        how = what or ("the base model with adapters disabled" if hasattr(model, "disable_adapter")
+                       else "the initial weights")
+        scores = {split: reference_scores(dataset) for split, dataset in datasets.items()}
+        self.reference_info = {"file": REFERENCE_FILE, "reused": False, "seconds": seconds, "model": how,
+                               "scores": scores}
         log(f"reference log-probs: {sum(len(d) for d in datasets.values())} pairs with {how} in {seconds}s "
-            f"(cached in {path.name})")
+            f"(cached in {path.name})" + ("; the reference model is freed" if what else ""))
+        if "validation" in scores:  # "before" for the policy when it starts as the reference (DPO's rewards are 0)
+            log("reference on the validation pairs: " + ", ".join(f"{k} {v}" for k, v in scores["validation"].items()))
+
+    def _load_reference(self, device) -> tuple[nn.Module, str]:
+        """``task.reference`` loaded (by floor 2's ``reference_source``), checked to read the same
+        token ids as the policy, on ``device`` in eval mode; -> (model, what it is)."""
+        spec = self.recipe.task.reference
+        if self.reference_source is None:
+            raise TuneforgeError(f"task.reference {spec!r} is set but nothing loads it here; a preference run loads "
+                                 "it through tuneforge.run (finetune, or load_model_dir for a saved run)")
+        ref, tokenizer, what = self.reference_source()
+        check_same_tokenizer(tokenizer, self.tokenizer, ref, f"task.reference {spec!r}")
+        ref.to(device).eval()
+        return ref, what
 
     def _reference_logps(self, model, dataset: PreferencePairs, device, autocast) -> torch.Tensor:
         out = torch.empty((len(dataset), 2))  # (N, 2)
@@ -319,11 +407,19 @@ class PreferenceTask(CausalLMTask):
                 reference = self._inline_reference(model, batch)
             rewards = self.beta * (torch.stack([chosen, rejected], 1) - reference.to(chosen.dtype))  # (B, 2)
             loss_sum = -F.logsigmoid(rewards[:, 0] - rewards[:, 1]).sum()
-        return {"loss_sum": loss_sum, "count": len(chosen), "logits": rewards.detach(),
-                "logps": torch.stack([chosen, rejected], 1).detach()}
+        logps = torch.stack([chosen, rejected], 1).detach()  # (B, 2): the policy's own scores
+        return {"loss_sum": loss_sum, "count": len(chosen), "logits": torch.cat([rewards.detach(), logps], 1),
+                "logps": logps}
 
     def _inline_reference(self, model, batch) -> torch.Tensor:
         """Evaluating a saved run on new data (`tuneforge eval`): no cache exists for it."""
+        if self.recipe.task.reference:  # the separate reference, loaded once for the whole evaluation
+            if self._inline_ref is None:
+                self._inline_ref, _ = self._load_reference(batch["input_ids"].device)
+            with torch.no_grad():
+                logps, _ = sequence_logps(self._inline_ref, batch["input_ids"], batch["attention_mask"],
+                                          batch["labels"])
+            return logps.view(2, -1).T  # (B, 2)
         if not hasattr(model, "disable_adapter"):
             raise TuneforgeError(
                 "DPO needs the reference model's log-probs of these pairs and this model has no adapters to "

@@ -84,9 +84,10 @@ def _evals(run_path) -> list[dict]:
 def test_dpo_loss_falls_and_reward_accuracy_rises(tiny, tmp_path):
     run = finetune(_recipe(tiny, tmp_path / "run", "full"))
     evals = _evals(run.path)
-    assert [e["step"] for e in evals] == [3, 6, 9, 12]
-    first, last = evals[0], evals[-1]
+    assert [e["step"] for e in evals] == [0, 3, 6, 9, 12]  # 0: the starting weights (train.eval_before)
+    base, first, last = evals[0], evals[1], evals[-1]
     # before any step the policy is the reference: loss ln 2, every reward 0 (no pair "correct")
+    assert base["loss"] == pytest.approx(math.log(2), abs=1e-4) and base["reward_margin"] == pytest.approx(0, abs=1e-4)
     assert last["loss"] < first["loss"] < math.log(2)
     assert last["reward_margin"] > first["reward_margin"] > 0
     assert last["reward_accuracy"] >= 0.9 and last["chosen_reward"] > last["rejected_reward"]

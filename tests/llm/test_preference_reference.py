@@ -93,7 +93,8 @@ def test_lora_from_the_sft_run_against_it_learns_and_reloads(tiny, tmp_path):
                            train={"max_steps": 12, "eval_every": 3, "lr": 1e-2}), init_from=str(tiny["sft"]))
     evals = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e["event"] == "eval"]
-    assert evals[-1]["reward_accuracy"] >= 0.9 and evals[-1]["reward_margin"] > evals[0]["reward_margin"] > 0
+    assert evals[0]["step"] == 0 and evals[0]["reward_margin"] == pytest.approx(0, abs=1e-4)  # policy = reference at the start
+    assert evals[-1]["reward_accuracy"] >= 0.9 and evals[-1]["reward_margin"] > evals[1]["reward_margin"] > 0
     # reference = the starting policy here: the separate one equals the adapters-disabled warm start
     sft_logps = hf_reply_logps(tiny["sft"] / "model" / "backbone", _pairs(tiny["validation"]))
     torch.testing.assert_close(load_file(str(run.path / REFERENCE_FILE))["validation"], sft_logps, atol=1e-4,

@@ -240,7 +240,7 @@ class GrpoTask(CausalLMTask):
         return self._rewards
 
     # -- data ----------------------------------------------------------------------------
-    def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
+    def read(self, split: str, path: str, *, limit: int | None, skipped: list, log=None) -> list:
         data = self.recipe.data
         needed = {r.field: r.origin for r in self.rewards if r.field}
         return read_prompts(path, limit=limit, on_bad_record=data.on_bad_record, skipped=skipped,

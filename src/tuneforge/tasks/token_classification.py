@@ -107,7 +107,7 @@ class TokenClassification:
         self.log = None
 
     # -- data
-    def read(self, split: str, path: str, *, limit: int | None, skipped: list) -> list:
+    def read(self, split: str, path: str, *, limit: int | None, skipped: list, log=None) -> list:
         from ..data.tagging import TaggedReader
 
         data = self.recipe.data
@@ -308,6 +308,9 @@ class TokenClassification:
 
     def before_training(self, model, datasets: dict, device, autocast, run_dir, log) -> None:
         """Nothing to prepare with the untrained weights."""
+
+    def callbacks(self, plan, log) -> list:
+        return []  # no engine callbacks of its own
 
     def after_training(self, model, splits: dict, run, device, autocast, log) -> dict:
         return {}

@@ -92,3 +92,16 @@ def _small_matmul_peak(request, monkeypatch):
     real = throughput.measure_matmul_peak
     monkeypatch.setattr(throughput, "measure_matmul_peak",
                         lambda device, dtype, n=256, repeats=2: real(device, dtype, n=n, repeats=repeats))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    models this small gain nothing from a second thread, and on a shared 2-core machine two OpenMP
+    threads wait on each other (a training step measured 20x slower than with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

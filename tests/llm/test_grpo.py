@@ -27,14 +27,7 @@ from tuneforge.tasks.grpo import RewardSpec
 SMOLLM2 = "smollm2-135m"  # the built-in alias (make install installs it)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # a model this small gains nothing from a second thread; on a shared 2-core machine two
-    # OpenMP threads wait on each other (tests/llm/test_preference.py measured 20x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ from tuneforge.tasks.preference import REFERENCE_FILE, PreferenceTask, reference
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dpo-tiny.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Models this small gain nothing from a second thread, and on a shared 2-core machine two
-    # OpenMP threads wait on each other: a training step measured 20x slower than with one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +19,7 @@ from tuneforge.llm.tiny import corpus_text, make_lm, make_tiny_lm, make_tokenize
 from tuneforge.tasks.preference import REFERENCE_FILE, sequence_logps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

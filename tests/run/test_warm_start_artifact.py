@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from tuneforge import finetune
 from tuneforge.deploy.evaluate import evaluate_run
@@ -15,12 +14,7 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.llm.tiny import make_tiny_lm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

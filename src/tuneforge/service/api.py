@@ -443,38 +443,30 @@ def create_app(cfg, db: Database | None = None, background: bool = True):
             raise J.BadRequest("the body must be a JSON object")
         return body
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request, project_id: str = Depends(project)):
+    async def _answer(request: Request, project_id: str, generative: bool, reply):
+        """A finished job's model answers the request's JSON body off the event loop:
+        ``reply(model, lock, body)`` with the job's generator (LLMs) or predictor (other tasks)."""
         from starlette.concurrency import run_in_threadpool
 
         body = await _json(request)
 
         def run():
-            generator, lock = _loaded(body, project_id, True)
-            return chat_completion(generator, lock, body, body["model"])
+            model, lock = _loaded(body, project_id, generative)
+            return reply(model, lock, body)
         return await run_in_threadpool(run)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, project_id: str = Depends(project)):
+        return await _answer(request, project_id, True, lambda g, lock, body: chat_completion(g, lock, body, body["model"]))
 
     @app.post("/v1/completions")
     async def completions(request: Request, project_id: str = Depends(project)):
-        from starlette.concurrency import run_in_threadpool
-
-        body = await _json(request)
-
-        def run():
-            generator, lock = _loaded(body, project_id, True)
-            return text_completion(generator, lock, body, body["model"])
-        return await run_in_threadpool(run)
+        return await _answer(request, project_id, True, lambda g, lock, body: text_completion(g, lock, body, body["model"]))
 
     @app.post("/v1/predict")
     async def predict_route(request: Request, project_id: str = Depends(project)):
-        from starlette.concurrency import run_in_threadpool
-
-        body = await _json(request)
-
-        def run():
-            predictor, lock = _loaded(body, project_id, False)
-            return {"model": body["model"], **predict(predictor, lock, body)}
-        return await run_in_threadpool(run)
+        return await _answer(request, project_id, False,
+                             lambda p, lock, body: {"model": body["model"], **predict(p, lock, body)})
 
     # -- admin ------------------------------------------------------------------------------
     @app.post("/v1/admin/keys")

@@ -38,6 +38,7 @@ class CausalLMOptions(TaskOptions):
     """Supervised / instruction fine-tuning and continued pre-training of a decoder LLM on chat, prompt-completion, Alpaca or plain-text data: next-token loss (on the replies by default) through the model's own LM head; no new weights on top."""
 
     eval_before_default: ClassVar[bool] = True  # the before -> after change is the figure users want
+    keeps_lm_head: ClassVar[bool] = True
     type: str = Field("causal-lm", description=TYPE_DOC)
     format: Literal["auto", "chat", "sharegpt", "prompt-completion", "alpaca", "text"] = Field("auto", description="causal-lm data shape: chat {messages: [{role, content}]}, sharegpt {conversations: [{from: human|gpt|system, value}], system?} (LLaMA-Factory), prompt-completion {prompt, completion}, alpaca {instruction, input, output}, text {text} or a .txt file; auto detects it per record.")
     chat_template: ChatTemplate = "auto"
@@ -47,14 +48,6 @@ class CausalLMOptions(TaskOptions):
     max_length: MaxLength = None
 
     default_metric: ClassVar[str] = "loss"
-
-    @property
-    def task_has_head(self) -> bool:
-        return False
-
-    @property
-    def no_head_reason(self) -> str:
-        return f"a {self.type} run keeps the model's own LM head (nothing new is learned on top)"
 
     def metric_names(self) -> list[str]:
         return ["loss", "perplexity"]

@@ -94,6 +94,7 @@ class GrpoOptions(TaskOptions):
     # task.baseline_eval measures the starting weights (rewards, cached for resume); the generic step-0
     # evaluation (train.eval_before) would generate the same held-out answers again
     eval_before_default: ClassVar[bool] = False
+    keeps_lm_head: ClassVar[bool] = True
     type: str = Field("grpo", description=TYPE_DOC)
     chat_template: ChatTemplate = "auto"
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(type="exact_match")], min_length=1, description="grpo: the rewards, each {type, weight, ...}; a completion's reward is their weighted sum.")
@@ -118,14 +119,6 @@ class GrpoOptions(TaskOptions):
     def _resolve(cls, paths: list[str], info: ValidationInfo) -> list[str]:
         base = (info.context or {}).get("recipe_dir")
         return [str((Path(base) / p) if base and not Path(p).is_absolute() else Path(p).absolute()) for p in paths]
-
-    @property
-    def task_has_head(self) -> bool:
-        return False
-
-    @property
-    def no_head_reason(self) -> str:
-        return f"a {self.type} run keeps the model's own LM head (nothing new is learned on top)"
 
     def metric_names(self) -> list[str]:
         return ["reward"] + [f"reward_{n}" for n in reward_names(self.rewards)] + [

@@ -42,15 +42,20 @@ class TaskOptions(Section):
     # train.eval_before when the recipe leaves it unset: on where the change from the starting
     # weights is the figure to see (causal-lm, preference); a classifier's new head starts at chance
     eval_before_default: ClassVar[bool] = False
+    # the model keeps its own language-model head and learns nothing new on top (causal-lm,
+    # preference, grpo): no task head, whatever the other options say
+    keeps_lm_head: ClassVar[bool] = False
 
     @property
     def task_has_head(self) -> bool:
         """The model gets a new task head; strategies that need one (``needs_task_head``) are refused otherwise."""
-        return True
+        return not self.keeps_lm_head
 
     @property
     def no_head_reason(self) -> str:
         """Says, in an error, what the task has instead of a task head."""
+        if self.keeps_lm_head:
+            return f"a {self.type} run keeps the model's own LM head (nothing new is learned on top)"
         return f"a {self.type} model has none"
 
     def metric_names(self) -> list[str]:

@@ -211,6 +211,7 @@ class PreferenceOptions(TaskOptions):
     """Learn to prefer the chosen reply over the rejected one (prompt/chosen/rejected records) with DPO or SimPO, on a decoder LLM and its own LM head."""
 
     eval_before_default: ClassVar[bool] = True  # the before -> after change is the figure users want
+    keeps_lm_head: ClassVar[bool] = True
     type: str = Field("preference", description=TYPE_DOC)
     chat_template: ChatTemplate = "auto"
     generation: Generation
@@ -221,14 +222,6 @@ class PreferenceOptions(TaskOptions):
     max_length: MaxLength = None
 
     default_metric: ClassVar[str] = "loss"
-
-    @property
-    def task_has_head(self) -> bool:
-        return False
-
-    @property
-    def no_head_reason(self) -> str:
-        return f"a {self.type} run keeps the model's own LM head (nothing new is learned on top)"
 
     def metric_names(self) -> list[str]:
         return ["loss", "reward_accuracy", "reward_margin", "logp_accuracy", "chosen_nll"]
